@@ -1,0 +1,244 @@
+"""The ``selfsup`` command: train, eval, embed, methods.
+
+Errors raised on purpose (``SelfSupError``) are printed as one line naming the file, key or value
+at fault, with exit status 2; ``--json`` makes the last line of stdout one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from selfsup.errors import ConfigError, SelfSupError
+
+# Flags of ``train`` and the config keys they set.
+_TRAIN_FLAGS: dict[str, str] = {
+    "method": "method", "data": "data.source", "backbone": "backbone.name",
+    "width": "backbone.width", "image_size": "data.image_size", "epochs": "train.epochs",
+    "max_steps": "train.max_steps", "batch_size": "train.batch_size", "seed": "train.seed",
+    "precision": "train.precision", "devices": "train.devices", "num_nodes": "train.num_nodes",
+    "accelerator": "train.accelerator", "checkpoint_every": "train.checkpoint_every",
+    "resume": "train.resume", "out": "train.out", "num_workers": "data.num_workers",
+    "lr": "optim.lr", "optimizer": "optim.name",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # unknown options name themselves in ``message``
+        self.print_usage(sys.stderr)
+        raise ConfigError(message)
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="cifar10-sample | cifar10:DIR | folder:DIR")
+    parser.add_argument("--image-size", type=int, help="resize + center crop (folder data)")
+    parser.add_argument("--download", action="store_true",
+                        help="download CIFAR-10 into DIR if missing (MD5-checked)")
+    parser.add_argument("--num-workers", type=int, help="data loader worker processes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="selfsup", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="pretrain an encoder, then evaluate it")
+    train.add_argument("--config", help="YAML config file (see configs/)")
+    train.add_argument("--method", help="simclr | mocov2 | ... (selfsup methods)")
+    _add_data_arguments(train)
+    train.add_argument("--backbone", help="resnet18 | resnet34 | resnet50 | any timm model")
+    train.add_argument("--width", type=float, help="channel multiplier of the ResNet")
+    group = train.add_mutually_exclusive_group()
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--max-steps", type=int)
+    train.add_argument("--batch-size", type=int, help="per device")
+    train.add_argument("--lr", type=float, help="base learning rate per 256 images")
+    train.add_argument("--optimizer", choices=["sgd", "lars", "adamw"])
+    train.add_argument("--seed", type=int)
+    train.add_argument("--precision", choices=["32", "bf16"])
+    train.add_argument("--accelerator", choices=["auto", "cpu", "gpu"])
+    train.add_argument("--devices", type=int, help="devices per node; > 1 runs DDP")
+    train.add_argument("--num-nodes", type=int)
+    train.add_argument("--checkpoint-every", type=int, help="save every N steps")
+    train.add_argument("--resume", help="PATH to a checkpoint, or 'auto' for OUT's last one")
+    train.add_argument("--out", help="output folder (default runs/selfsup)")
+    train.add_argument("--no-eval", action="store_true", help="skip kNN/linear after training")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="set any config key, e.g. --set method_args.temperature=0.2")
+    train.add_argument("--json", action="store_true", help="print results as one JSON line")
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint's frozen backbone")
+    evaluate.add_argument("protocol", choices=["knn", "linear"])
+    evaluate.add_argument("--checkpoint", required=True)
+    _add_data_arguments(evaluate)
+    evaluate.add_argument("--no-baseline", action="store_true",
+                          help="skip the random-init baseline")
+    evaluate.add_argument("--json", action="store_true")
+
+    embed = commands.add_parser("embed", help="write backbone features of a dataset to .npy")
+    embed.add_argument("--checkpoint", required=True)
+    _add_data_arguments(embed)
+    embed.add_argument("--split", choices=["train", "val", "test"], default="test")
+    embed.add_argument("--out", required=True, help="FILE.npy (labels go to FILE.labels.npy)")
+    embed.add_argument("--json", action="store_true")
+
+    methods = commands.add_parser("methods", help="list methods and their default settings")
+    methods.add_argument("--json", action="store_true")
+    return parser
+
+
+def _train_config(args: argparse.Namespace):
+    from selfsup.config import parse_override, read_yaml, resolve_config, set_dotted
+
+    file_values = read_yaml(args.config) if args.config else {}
+    overrides: dict[str, Any] = {}
+    for flag, key in _TRAIN_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            set_dotted(overrides, key.split("."), value)
+    if args.download:
+        set_dotted(overrides, ["data", "download"], True)
+    if args.no_eval:
+        set_dotted(overrides, ["eval", "after_training"], [])
+    for text in args.set:
+        path, value = parse_override(text)
+        set_dotted(overrides, path, value)
+    origin = args.config or "command line"
+    return resolve_config(file_values, overrides, origin=origin)
+
+
+def _load_for_eval(args: argparse.Namespace):
+    from selfsup.checkpoint import load_checkpoint_file
+    from selfsup.config import Config
+    from selfsup.data import load_data
+    from selfsup.errors import CheckpointError
+    from selfsup.train import build_pretraining_method
+
+    checkpoint = load_checkpoint_file(args.checkpoint)
+    try:
+        hyper = checkpoint["hyper_parameters"]
+        config = Config(**hyper["config"])
+        info = hyper["data_info"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{args.checkpoint}: not a selfsup training checkpoint "
+                              "(no selfsup config inside)") from None
+    source = args.data or config.data.source
+    splits = load_data(source, image_size=args.image_size or info["image_size"],
+                       val_fraction=config.data.val_fraction, seed=config.train.seed,
+                       download=args.download)
+    method = build_pretraining_method(config, info)
+    state = {k[len("method."):]: v for k, v in checkpoint["state_dict"].items()
+             if k.startswith("method.")}
+    try:
+        method.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"{args.checkpoint}: weights do not fit {config.method} with "
+                              f"{config.backbone.name}: {str(error).splitlines()[0]}") from None
+    return config, info, splits, method
+
+
+def _command_train(args: argparse.Namespace) -> dict[str, Any]:
+    from selfsup.train import train
+
+    config = _train_config(args)
+    return train(config)
+
+
+def _command_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from selfsup.evaluate import evaluate_backbone
+    from selfsup.train import build_pretraining_method
+
+    config, info, splits, method = _load_for_eval(args)
+    workers = args.num_workers or 0
+    results = {"checkpoint": args.checkpoint, "data": args.data or config.data.source}
+    results.update(evaluate_backbone(method.backbone, splits, config.eval, [args.protocol],
+                                     seed=config.train.seed, num_workers=workers))
+    if not args.no_baseline:
+        random_init = build_pretraining_method(config, info).backbone
+        results.update(evaluate_backbone(random_init, splits, config.eval, [args.protocol],
+                                         seed=config.train.seed, suffix="_random_init",
+                                         num_workers=workers))
+    return results
+
+
+def _command_embed(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    from selfsup.evaluate import extract_features
+
+    config, info, splits, method = _load_for_eval(args)
+    dataset = getattr(splits, args.split)
+    features, labels = extract_features(method.backbone, dataset, splits.info,
+                                        batch_size=config.eval.batch_size,
+                                        num_workers=args.num_workers or 0)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, features.numpy())
+    labels_path = out.with_suffix(".labels.npy")
+    np.save(labels_path, labels.numpy())
+    return {"embeddings": str(out), "labels": str(labels_path), "shape": list(features.shape)}
+
+
+def _command_methods(args: argparse.Namespace) -> dict[str, Any]:
+    from selfsup.methods import METHODS, method_hyperparameters
+
+    table = {}
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        table[name] = {"views": cls.views, "hyperparameters": method_hyperparameters(name),
+                       "optimizer": cls.default_optimizer,
+                       "paper": (cls.__doc__ or "").strip().splitlines()[0]}
+    if not args.json:
+        for name, entry in table.items():
+            settings = ", ".join(f"{k}={v}" for k, v in entry["hyperparameters"].items())
+            print(f"{name:10s} {entry['paper']}\n{'':10s} views={entry['views']}; {settings}")
+    return {"methods": table}
+
+
+def _print_results(results: dict[str, Any]) -> None:
+    keys = [k for k in results if k.endswith("top1") and not k.endswith("_random_init")]
+    if not keys:
+        return
+    print(f"\n{'metric':22s} {'pretrained':>11s} {'random init':>12s}")
+    for key in keys:
+        baseline = results.get(f"{key}_random_init")
+        baseline_text = f"{baseline:12.4f}" if baseline is not None else f"{'':12s}"
+        print(f"{key:22s} {results[key]:11.4f} {baseline_text}")
+    for key in ("checkpoint", "loss_plot"):
+        if key in results:
+            print(f"{key}: {results[key]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if getattr(args, "json", False):
+            # Keep stdout's last line the JSON object: library chatter goes to stderr.
+            logging.getLogger("lightning").setLevel(logging.WARNING)
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        handler = {"train": _command_train, "eval": _command_eval, "embed": _command_embed,
+                   "methods": _command_methods}[args.command]
+        results = handler(args)
+    except SelfSupError as error:
+        print(f"selfsup: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selfsup: interrupted", file=sys.stderr)
+        return 130
+    if results and os.environ.get("LOCAL_RANK", "0") == "0":
+        if getattr(args, "json", False) or args.command == "embed":
+            print(json.dumps(results))
+        elif args.command != "methods":
+            _print_results(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

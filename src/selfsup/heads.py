@@ -1,0 +1,27 @@
+"""Projection heads.
+
+``ProjectionMLP`` covers the heads of SimCLR (Chen et al. 2020: Linear-BN-ReLU-Linear, 2048 -> 128
+in their code) and MoCo v2 (Chen et al. 2020b: Linear-ReLU-Linear, 2048 -> 128, no BN).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class ProjectionMLP(nn.Sequential):
+    """``num_layers`` linear layers with ReLU (and optionally BatchNorm) between them."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
+                 batch_norm: bool = True) -> None:
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(num_layers - 1):
+            layers.append(nn.Linear(dim, hidden_dim, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(hidden_dim))
+            layers.append(nn.ReLU(inplace=True))
+            dim = hidden_dim
+        layers.append(nn.Linear(dim, out_dim))
+        super().__init__(*layers)
+        self.out_dim = out_dim

@@ -1,0 +1,152 @@
+"""The method contract: what the generic trainer knows about every method, and nothing more.
+
+A method is an ``nn.Module`` with
+
+- ``backbone``: the encoder that evaluation uses (for momentum methods: the online network, as
+  the papers evaluate it);
+- ``views``: the augmentation recipe it trains on (a name in ``selfsup.augment.RECIPES``) and
+  ``num_views``;
+- ``training_step(batch) -> StepOutput``: the loss, values to log, and the backbone features of
+  the first view (the online linear probe reads them, detached);
+- ``on_after_optimizer_step(progress)``: momentum updates, schedules (progress in [0, 1]);
+- ``state_dict()``: everything needed to resume exactly (queues, banks, EMA weights are persistent
+  buffers or submodules).
+
+Hyper-parameters are the keyword arguments of ``__init__``, typed and constrained with pydantic
+annotations; their defaults are the paper's. The registry validates a config against that
+signature, so a misspelt or out-of-range key is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pydantic
+import torch
+from torch import nn
+
+from selfsup.errors import ConfigError
+
+
+@dataclass
+class MethodContext:
+    """What a method may need to know about the encoder and the data when it is built."""
+
+    feature_dim: int
+    num_samples: int
+    num_classes: int
+    image_size: int
+
+
+@dataclass
+class Batch:
+    """One training batch, after on-device augmentation.
+
+    ``generator`` is seeded identically on every process for this step, so random choices a
+    method makes (e.g. MoCo's shuffle) agree across processes and are reproducible on resume.
+    """
+
+    views: list[torch.Tensor]
+    labels: torch.Tensor | None
+    index: torch.Tensor
+    generator: torch.Generator
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    features: torch.Tensor | None = None
+
+
+class Method(nn.Module):
+    """Base class of every method. Subclasses set ``name``, ``views`` and implement
+    ``training_step``; the docstring of each cites its paper."""
+
+    name: ClassVar[str]
+    views: ClassVar[str]
+    num_views: ClassVar[int] = 2
+    # The paper's optimizer settings (keys of ``selfsup.config.OptimConfig``); configs override.
+    default_optimizer: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, backbone: nn.Module, context: MethodContext) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.context = context
+
+    def training_step(self, batch: Batch) -> StepOutput:
+        raise NotImplementedError
+
+    def on_after_optimizer_step(self, progress: float) -> None:
+        """Called once after every optimizer step; momentum methods update their copies here."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def _hyperparameter_model(cls: type[Method]) -> type[pydantic.BaseModel]:
+    fields: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls.__init__, include_extras=True)
+    # Skip self, backbone and context: the rest are the hyper-parameters.
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[3:]
+    for parameter in parameters:
+        fields[parameter.name] = (hints.get(parameter.name, Any), parameter.default)
+    return pydantic.create_model(f"{cls.__name__}Hyperparameters",
+                                 __config__=pydantic.ConfigDict(extra="forbid", strict=False),
+                                 **fields)
+
+
+def method_hyperparameters(name: str) -> dict[str, Any]:
+    """The paper-default hyper-parameters of a method, as ``{name: default}``."""
+    model = _hyperparameter_model(get_method_class(name))
+    return {key: info.default for key, info in model.model_fields.items()}
+
+
+def get_method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ConfigError(f"method={name!r} is not a known method; choose one of "
+                          f"{', '.join(method_names())}")
+    return METHODS[name]
+
+
+def validate_hyperparameters(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Check ``values`` against the method's signature; errors name ``method_args.<key>``."""
+    model = _hyperparameter_model(get_method_class(name))
+    try:
+        return model(**values).model_dump()
+    except pydantic.ValidationError as error:
+        problems = []
+        for item in error.errors():
+            key = ".".join(str(part) for part in item["loc"])
+            if item["type"] == "extra_forbidden":
+                allowed = ", ".join(model.model_fields)
+                problems.append(f"method_args.{key} is not a parameter of {name} "
+                                f"(allowed: {allowed})")
+            else:
+                problems.append(f"method_args.{key}: {item['msg']} (got {item.get('input')!r})")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def build_method(name: str, backbone: nn.Module, context: MethodContext,
+                 hyperparameters: dict[str, Any] | None = None) -> Method:
+    values = validate_hyperparameters(name, hyperparameters or {})
+    return get_method_class(name)(backbone, context, **values)
+
+
+BackboneFactory = Callable[[], tuple[nn.Module, int]]

@@ -1,0 +1,102 @@
+"""Optimizers and learning-rate schedules of the SSL papers: SGD, LARS, AdamW; warm-up + cosine."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from selfsup.config import OptimConfig
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise Adaptive Rate Scaling (You et al. 2017), in the form SimCLR uses.
+
+    Each parameter's update is SGD-with-momentum on ``g + wd * w`` scaled by the trust ratio
+    ``eta * |w| / |g + wd * w|``. Parameter groups with ``lars_exclude=True`` (biases and
+    normalisation weights, as in SimCLR) get neither weight decay nor the trust ratio.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, eps: float = 1e-8) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, eps=eps, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                update = parameter.grad
+                if not group["lars_exclude"]:
+                    update = update.add(parameter, alpha=group["weight_decay"])
+                    weight_norm = torch.linalg.vector_norm(parameter)
+                    update_norm = torch.linalg.vector_norm(update)
+                    trust = torch.where(
+                        (weight_norm > 0) & (update_norm > 0),
+                        group["trust_coefficient"] * weight_norm / (update_norm + group["eps"]),
+                        torch.ones_like(weight_norm))
+                    update = update.mul(trust)
+                state = self.state[parameter]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(update).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
+                parameter.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def _is_bias_or_norm(name: str, parameter: nn.Parameter) -> bool:
+    return parameter.ndim <= 1 or name.endswith(".bias")
+
+
+def scaled_learning_rate(config: OptimConfig, global_batch_size: int) -> float:
+    """The base lr (per 256 images) scaled to the global batch, as SimCLR / MoCo state it."""
+    ratio = global_batch_size / 256
+    factor = {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[config.lr_scaling]
+    return config.lr * factor
+
+
+def build_optimizer(named_parameters: list[tuple[str, nn.Parameter]], config: OptimConfig,
+                    global_batch_size: int) -> torch.optim.Optimizer:
+    lr = scaled_learning_rate(config, global_batch_size)
+    regular, excluded = [], []
+    for name, parameter in named_parameters:
+        if config.exclude_bias_and_norm and _is_bias_or_norm(name, parameter):
+            excluded.append(parameter)
+        else:
+            regular.append(parameter)
+    groups = [{"params": regular, "weight_decay": config.weight_decay},
+              {"params": excluded, "weight_decay": 0.0}]
+    if config.name == "lars":
+        groups[1]["lars_exclude"] = True
+        return LARS(groups, lr=lr, momentum=config.momentum,
+                    trust_coefficient=config.trust_coefficient)
+    if config.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=config.betas)
+    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
+
+
+class WarmupCosine:
+    """Linear warm-up from 0 to the peak over ``warmup_steps``, then cosine decay to 0.
+
+    A plain object (not a lambda) so ``LambdaLR.state_dict`` stores its numbers in checkpoints.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int) -> None:
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = max(int(total_steps), 1)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / decay_steps, 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))

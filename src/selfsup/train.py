@@ -1,0 +1,312 @@
+"""One generic Lightning module around any method, and the ``train`` entry point.
+
+The module knows nothing of any method: it augments the uint8 batch on the device with the
+method's recipe, calls ``method.training_step``, trains an online linear probe on the detached
+features it returns, and calls ``method.on_after_optimizer_step`` after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+
+from selfsup.augment import build_view_generator
+from selfsup.backbones import build_backbone
+from selfsup.checkpoint import AtomicCheckpointIO, resolve_resume
+from selfsup.config import Config
+from selfsup.data import DataInfo, DataSplits, build_loader, load_data
+from selfsup.distributed import gather_no_grad
+from selfsup.errors import SelfSupError
+from selfsup.evaluate.knn import knn_top1
+from selfsup.methods import Batch, Method, MethodContext, build_method
+from selfsup.optim import WarmupCosine, build_optimizer, scaled_learning_rate
+
+
+class NonFiniteLossError(SelfSupError):
+    """The loss became NaN or infinite."""
+
+
+def _stream_seed(seed: int, step: int, stream: int) -> int:
+    # Distinct, reproducible seeds per (run seed, step, stream); resuming at step s replays them.
+    return (seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1)
+
+
+def data_info_dict(info: DataInfo) -> dict[str, Any]:
+    return {"name": info.name, "num_classes": info.num_classes,
+            "class_names": list(info.class_names), "image_size": info.image_size,
+            "mean": list(info.mean), "std": list(info.std), "num_train": info.num_train}
+
+
+def build_pretraining_method(config: Config, info: dict[str, Any]) -> Method:
+    """The method with its backbone, initialised from ``config.train.seed`` (so that a second
+    call gives the same random-init network: the baseline of every evaluation)."""
+    L.seed_everything(config.train.seed, workers=True, verbose=False)
+    cifar_stem = config.backbone.cifar_stem
+    if cifar_stem is None:
+        cifar_stem = info["image_size"] <= 64
+    backbone, feature_dim = build_backbone(config.backbone.name, cifar_stem=cifar_stem,
+                                           width=config.backbone.width)
+    context = MethodContext(feature_dim=feature_dim, num_samples=info["num_train"],
+                            num_classes=info["num_classes"], image_size=info["image_size"])
+    return build_method(config.method, backbone, context, config.method_args)
+
+
+class SelfSupervisedModule(L.LightningModule):
+    def __init__(self, config: dict[str, Any], data_info: dict[str, Any],
+                 steps_per_epoch: int = 1) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config, "data_info": data_info})
+        self.config = Config(**config)
+        self.data_info = data_info
+        self.steps_per_epoch = max(steps_per_epoch, 1)
+        self.method = build_pretraining_method(self.config, data_info)
+        size, mean, std = data_info["image_size"], data_info["mean"], data_info["std"]
+        self.view_generator = build_view_generator(self.method.views, size, mean, std,
+                                                   num_views=self.method.num_views)
+        self.clean_view = build_view_generator("eval", size, mean, std, num_views=1)
+        self.probe: nn.Linear | None = None
+        if self.config.eval.online_probe and data_info["num_classes"] > 0:
+            self.probe = nn.Linear(self.method.context.feature_dim, data_info["num_classes"])
+        self.probe_optimizer: torch.optim.Optimizer | None = None
+        self._monitor_outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def total_steps(self) -> int:
+        train = self.config.train
+        steps = math.inf
+        if train.epochs is not None:
+            steps = train.epochs * self.steps_per_epoch
+        if train.max_steps is not None:
+            steps = min(steps, train.max_steps)
+        return int(steps)
+
+    def global_batch_size(self) -> int:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self.config.train.batch_size * world
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(
+            [(n, p) for n, p in self.method.named_parameters() if p.requires_grad],
+            self.config.optim, self.global_batch_size())
+        warmup = round(self.config.optim.warmup_epochs * self.steps_per_epoch)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, WarmupCosine(warmup, self.total_steps()))
+        if self.probe is not None:
+            # The probe has an optimizer of its own, stepped by hand, so Lightning's step count
+            # (and max_steps) counts pretraining steps only.
+            self.probe_optimizer = torch.optim.AdamW(self.probe.parameters(),
+                                                     lr=self.config.eval.online_probe_lr,
+                                                     weight_decay=0.0)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- training -------------------------------------------------------------------------------
+    def _generator(self, stream: int) -> torch.Generator:
+        device = self.device if stream > 0 else torch.device("cpu")
+        generator = torch.Generator(device=device)
+        generator.manual_seed(_stream_seed(self.config.train.seed, self.global_step, stream))
+        return generator
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        images, labels, index = batch
+        # Augmentation differs per process (stream 1 + rank); method randomness is shared (0).
+        views = self.view_generator(images, self._generator(1 + self.global_rank))
+        if self.config.train.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        output = self.method.training_step(Batch(views, labels, index, self._generator(0)))
+        loss = output.loss
+        if not torch.isfinite(loss.detach()):
+            parts = {k: float(v) for k, v in output.logs.items()}
+            raise NonFiniteLossError(
+                f"non-finite loss {loss.item()} at step {self.global_step} (parts: {parts}); "
+                f"the last good checkpoint is in {Path(self.config.train.out) / 'checkpoints'}")
+        logs = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in output.logs.items()}}
+        if self.probe is not None and output.features is not None and labels is not None:
+            labelled = labels >= 0
+            if labelled.any():
+                logits = self.probe(output.features.detach().float()[labelled])
+                probe_loss = F.cross_entropy(logits, labels[labelled])
+                logs["train/probe_loss"] = probe_loss.detach()
+                logs["train/probe_top1"] = (logits.argmax(1) == labels[labelled]).float().mean()
+                loss = loss + probe_loss
+        logs["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
+        self.log("loss", output.loss.detach(), prog_bar=True, on_step=True, logger=False)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.probe_optimizer is not None:
+            self.probe_optimizer.step()
+            self.probe_optimizer.zero_grad(set_to_none=True)
+        self.method.on_after_optimizer_step(min(self.global_step / self.total_steps(), 1.0))
+
+    # -- monitoring: kNN and online-probe accuracy on the validation split ----------------------
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int,
+                        dataloader_idx: int = 0) -> None:
+        images, labels, _ = batch
+        (view,) = self.clean_view(images, None)
+        features = self.method.backbone(view).float()
+        self._monitor_outputs.setdefault(dataloader_idx, []).append((features, labels))
+
+    def on_validation_epoch_end(self) -> None:
+        if len(self._monitor_outputs) < 2:
+            self._monitor_outputs.clear()
+            return
+        bank, queries = ([torch.cat(parts) for parts in zip(*self._monitor_outputs[i])]
+                         for i in (0, 1))
+        self._monitor_outputs.clear()
+        bank = [gather_no_grad(t) for t in bank]
+        queries = [gather_no_grad(t) for t in queries]
+        metrics = {"val/knn_top1": knn_top1(*bank, *queries, self.data_info["num_classes"],
+                                            self.config.eval.knn_k,
+                                            self.config.eval.knn_temperature)}
+        if self.probe is not None:
+            with torch.no_grad():
+                predictions = self.probe(queries[0]).argmax(1)
+            metrics["val/probe_top1"] = (predictions == queries[1]).float().mean().item()
+        self.log_dict(metrics, prog_bar=True, sync_dist=False, rank_zero_only=True)
+
+    # -- checkpoint: what Lightning does not save on its own ------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.probe_optimizer is not None:
+            checkpoint["probe_optimizer"] = self.probe_optimizer.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._pending_probe_state = checkpoint.get("probe_optimizer")
+
+    def on_train_start(self) -> None:
+        state = getattr(self, "_pending_probe_state", None)
+        if state is not None and self.probe_optimizer is not None:
+            self.probe_optimizer.load_state_dict(state)
+
+
+def _monitor_loaders(splits: DataSplits, config: Config) -> list[Any]:
+    from torch.utils.data import Subset
+
+    bank = splits.train
+    if len(bank) > config.eval.monitor_bank_size:
+        chosen = torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))
+        bank = Subset(bank, chosen[: config.eval.monitor_bank_size].tolist())
+    return [build_loader(d, config.eval.batch_size, shuffle=False, drop_last=False,
+                         num_workers=0) for d in (bank, splits.val)]
+
+
+def plot_loss_curve(metrics_csv: Path, out_png: Path) -> Path | None:
+    """Plot train/loss (and the validation kNN accuracy when logged) from the CSV log."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_csv.is_file():
+        return None
+    steps, losses, knn_steps, knn = [], [], [], []
+    with metrics_csv.open() as stream:
+        for row in csv.DictReader(stream):
+            if row.get("train/loss"):
+                steps.append(int(row["step"]))
+                losses.append(float(row["train/loss"]))
+            if row.get("val/knn_top1"):
+                knn_steps.append(int(row["step"]))
+                knn.append(float(row["val/knn_top1"]))
+    if not steps:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(steps, losses, color="tab:blue", label="train loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    if knn:
+        twin = axis.twinx()
+        twin.plot(knn_steps, knn, "o-", color="tab:orange", label="val kNN top-1")
+        twin.set_ylabel("val kNN top-1")
+    figure.legend(loc="upper right")
+    figure.tight_layout()
+    figure.savefig(out_png, dpi=100)
+    plt.close(figure)
+    return out_png
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Pretrain ``config.method``; then evaluate it beside its random-init baseline.
+
+    Returns the results (also written to ``OUT/results.json``); ``OUT/checkpoints/last.ckpt`` holds
+    the final state.
+    """
+    from selfsup.evaluate import evaluate_backbone
+
+    out = Path(config.train.out)
+    checkpoint_dir = out / "checkpoints"
+    splits = load_data(config.data.source, image_size=config.data.image_size,
+                       val_fraction=config.data.val_fraction, seed=config.train.seed,
+                       download=config.data.download)
+    info = data_info_dict(splits.info)
+    loader = build_loader(splits.train, config.train.batch_size, shuffle=True, drop_last=True,
+                          num_workers=config.data.num_workers, seed=config.train.seed)
+    world = config.train.devices * config.train.num_nodes
+    steps_per_epoch = max(len(loader) // world, 1)
+    module = SelfSupervisedModule(config.model_dump(mode="json"), info, steps_per_epoch)
+    if config.train.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+
+    checkpointing = ModelCheckpoint(
+        dirpath=checkpoint_dir, filename="step{step:08d}", auto_insert_metric_name=False,
+        every_n_train_steps=config.train.checkpoint_every, save_last=True,
+        save_top_k=config.train.keep_checkpoints if config.train.checkpoint_every else 0,
+        monitor="step", mode="max")
+    loggers = [CSVLogger(out / "logs", name="csv", version=""),
+               TensorBoardLogger(out / "logs", name="tensorboard", version="")]
+    trainer = L.Trainer(
+        accelerator=config.train.accelerator, devices=config.train.devices,
+        num_nodes=config.train.num_nodes, strategy="ddp" if world > 1 else "auto",
+        precision="bf16-mixed" if config.train.precision == "bf16" else "32-true",
+        max_epochs=config.train.epochs if config.train.epochs is not None else -1,
+        max_steps=config.train.max_steps or -1, logger=loggers, callbacks=[checkpointing],
+        log_every_n_steps=config.train.log_every, num_sanity_val_steps=0,
+        check_val_every_n_epoch=max(config.eval.monitor_every_n_epochs, 1),
+        limit_val_batches=1.0 if config.eval.monitor_every_n_epochs and info["num_classes"]
+        else 0, plugins=[AtomicCheckpointIO()], enable_progress_bar=config.train.progress_bar,
+        enable_model_summary=False, default_root_dir=out)
+    resume = resolve_resume(config.train.resume, checkpoint_dir)
+    started = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=_monitor_loaders(splits, config),
+                ckpt_path=resume)
+    train_seconds = time.perf_counter() - started
+    trainer.save_checkpoint(checkpoint_dir / "last.ckpt")
+    if not trainer.is_global_zero:
+        return {}
+
+    results: dict[str, Any] = {"method": config.method, "backbone": config.backbone.name,
+                               "data": config.data.source, "steps": trainer.global_step,
+                               "global_batch_size": config.train.batch_size * world,
+                               "lr": scaled_learning_rate(config.optim,
+                                                          config.train.batch_size * world),
+                               "train_seconds": round(train_seconds, 1),
+                               "checkpoint": str(checkpoint_dir / "last.ckpt")}
+    final_loss = trainer.callback_metrics.get("train/loss")
+    if final_loss is not None:
+        results["final_loss"] = float(final_loss)
+    plot = plot_loss_curve(out / "logs" / "csv" / "metrics.csv", out / "loss.png")
+    if plot is not None:
+        results["loss_plot"] = str(plot)
+    protocols = list(config.eval.after_training) if info["num_classes"] > 0 else []
+    if protocols:
+        trained = module.method.backbone
+        random_init = build_pretraining_method(config, info).backbone
+        results.update(evaluate_backbone(trained, splits, config.eval, protocols,
+                                         seed=config.train.seed))
+        results.update(evaluate_backbone(random_init, splits, config.eval, protocols,
+                                         seed=config.train.seed, suffix="_random_init"))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
