@@ -283,7 +283,7 @@ def train(config: Config) -> dict[str, Any]:
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=_monitor_loaders(splits, config),
                 ckpt_path=resume)
     train_seconds = time.perf_counter() - started
-    trainer.save_checkpoint(checkpoint_dir / "last.ckpt")
+    trainer.save_checkpoint(checkpoint_dir / "last.ckpt", weights_only=False)
     if not trainer.is_global_zero:
         return {}
 

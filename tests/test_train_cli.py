@@ -1,0 +1,86 @@
+"""End to end through the real command line: train writes a checkpoint that eval, embed and
+--resume read; the same seed gives the same weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from selfsup.checkpoint import load_checkpoint_file
+from selfsup.cli import main
+
+TINY = ["--data", "cifar10-sample", "--backbone", "resnet18", "--width", "0.125",
+        "--batch-size", "32", "--num-workers", "0", "--set", "eval.monitor_every_n_epochs=0",
+        "--set", "train.progress_bar=false", "--set", "train.log_every=1"]
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = main(["train", "--method", "mocov2", "--max-steps", "3", "--out", str(out),
+                 "--set", "method_args.queue_size=64", "--set", "eval.after_training=[knn]",
+                 "--json", *TINY])
+    assert code == 0
+    return out
+
+
+def test_train_writes_last_checkpoint_results_and_loss_plot(trained_run):
+    checkpoint = trained_run / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    results = json.loads((trained_run / "results.json").read_text())
+    assert results["steps"] == 3
+    assert 0.0 <= results["knn_top1"] <= 1.0 and "knn_top1_random_init" in results
+    assert (trained_run / "loss.png").is_file()
+    state = load_checkpoint_file(checkpoint)["state_dict"]
+    assert "method.queue.keys" in state and "method.queue.pointer" in state
+
+
+def test_eval_knn_reads_the_checkpoint_and_reports_the_random_init_baseline(trained_run, capsys):
+    assert main(["eval", "knn", "--checkpoint", str(trained_run / "checkpoints" / "last.ckpt"),
+                 "--json"]) == 0
+    results = _last_json(capsys)
+    saved = json.loads((trained_run / "results.json").read_text())
+    assert results["knn_top1"] == pytest.approx(saved["knn_top1"], abs=1e-6)
+    assert results["knn_top1_random_init"] == pytest.approx(saved["knn_top1_random_init"],
+                                                            abs=1e-6)
+
+
+def test_embed_writes_one_feature_row_per_test_image(trained_run, tmp_path, capsys):
+    target = tmp_path / "emb.npy"
+    assert main(["embed", "--checkpoint", str(trained_run / "checkpoints" / "last.ckpt"),
+                 "--data", "cifar10-sample", "--out", str(target)]) == 0
+    features = np.load(target)
+    labels = np.load(tmp_path / "emb.labels.npy")
+    assert features.shape[0] == labels.shape[0] == 1000
+    assert np.isfinite(features).all()
+
+
+def test_resume_auto_continues_from_the_last_checkpoint(trained_run, capsys):
+    assert main(["train", "--method", "mocov2", "--max-steps", "5", "--out", str(trained_run),
+                 "--resume", "auto", "--set", "method_args.queue_size=64", "--no-eval",
+                 "--json", *TINY]) == 0
+    assert _last_json(capsys)["steps"] == 5
+
+
+def test_two_runs_with_the_same_seed_give_identical_weights(tmp_path):
+    states = []
+    for name in ("a", "b"):
+        assert main(["train", "--method", "simclr", "--max-steps", "3", "--seed", "7",
+                     "--out", str(tmp_path / name), "--no-eval", *TINY]) == 0
+        states.append(load_checkpoint_file(tmp_path / name / "checkpoints" / "last.ckpt")
+                      ["state_dict"])
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_bf16_precision_trains_on_cpu(tmp_path, capsys):
+    assert main(["train", "--method", "simclr", "--max-steps", "2", "--precision", "bf16",
+                 "--out", str(tmp_path), "--no-eval", "--json", *TINY]) == 0
+    results = _last_json(capsys)
+    assert np.isfinite(results["final_loss"])
