@@ -84,3 +84,20 @@ def test_bf16_precision_trains_on_cpu(tmp_path, capsys):
                  "--out", str(tmp_path), "--no-eval", "--json", *TINY]) == 0
     results = _last_json(capsys)
     assert np.isfinite(results["final_loss"])
+
+
+def test_two_cpu_devices_run_ddp_over_gloo_and_write_one_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    # A real two-process run through the console entry point: Lightning re-launches it per rank.
+    command = [sys.executable, "-m", "selfsup.cli", "train", "--method", "mocov2",
+               "--devices", "2", "--accelerator", "cpu", "--max-steps", "2",
+               "--out", str(tmp_path), "--set", "method_args.queue_size=64", "--no-eval",
+               "--json", *TINY]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "distributed_backend=gloo" in completed.stdout + completed.stderr
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert results["steps"] == 2 and results["global_batch_size"] == 64
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
