@@ -1,0 +1,132 @@
+"""Backbones, optimizers and schedules, and the evaluation protocols."""
+
+import math
+
+import pytest
+import torch
+import torchvision
+
+from selfsup.backbones import build_backbone
+from selfsup.config import OptimConfig
+from selfsup.errors import ConfigError
+from selfsup.evaluate import knn_predict, linear_probe
+from selfsup.heads import ProjectionMLP
+from selfsup.optim import LARS, WarmupCosine, build_optimizer, scaled_learning_rate
+
+
+@pytest.mark.parametrize("name, dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
+def test_resnets_at_width_one_are_torchvisions_networks_without_the_classifier(name, dim):
+    backbone, feature_dim = build_backbone(name)
+    assert feature_dim == dim
+    reference = getattr(torchvision.models, name)(weights=None)
+    reference_state = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    assert backbone.state_dict().keys() == reference_state.keys()
+    backbone.load_state_dict(reference_state)
+    reference.fc = torch.nn.Identity()
+    backbone.eval(), reference.eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(backbone(x), reference(x), atol=1e-5)
+
+
+def test_cifar_stem_is_a_3x3_stride_1_conv_without_max_pool():
+    backbone, _ = build_backbone("resnet18", cifar_stem=True)
+    assert backbone.conv1.kernel_size == (3, 3) and backbone.conv1.stride == (1, 1)
+    assert isinstance(backbone.maxpool, torch.nn.Identity)
+    features = {}
+    backbone.layer1.register_forward_hook(lambda m, i, o: features.setdefault("layer1", o))
+    backbone(torch.randn(2, 3, 32, 32))
+    assert features["layer1"].shape[-1] == 32  # full resolution reaches layer1
+
+
+def test_width_multiplier_shrinks_channels_and_feature_dim():
+    small, small_dim = build_backbone("resnet18", cifar_stem=True, width=0.25)
+    full, full_dim = build_backbone("resnet18", cifar_stem=True)
+    assert (small_dim, full_dim) == (128, 512)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in full.parameters()) / 10
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+
+
+def test_any_timm_model_name_is_a_backbone_when_timm_is_installed():
+    pytest.importorskip("timm")
+    backbone, feature_dim = build_backbone("resnet10t")
+    assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, feature_dim)
+
+
+def test_unknown_backbone_name_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match="resnet19"):
+        build_backbone("resnet19")
+
+
+def test_projection_mlp_has_the_simclr_and_moco_v2_shapes():
+    simclr = ProjectionMLP(512, 512, 128, batch_norm=True)
+    moco = ProjectionMLP(512, 512, 128, batch_norm=False)
+    assert [type(m).__name__ for m in simclr] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in moco] == ["Linear", "ReLU", "Linear"]
+    assert simclr(torch.randn(4, 512)).shape == (4, 128)
+
+
+def test_warmup_then_cosine_schedule():
+    schedule = WarmupCosine(warmup_steps=10, total_steps=110)
+    assert schedule(0) == pytest.approx(0.1)
+    assert schedule(9) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.5)
+    assert schedule(110) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_learning_rate_scales_with_the_global_batch():
+    config = OptimConfig(lr=0.3, lr_scaling="linear")
+    assert scaled_learning_rate(config, 1024) == pytest.approx(1.2)
+    config = OptimConfig(lr=1.2, lr_scaling="sqrt")
+    assert scaled_learning_rate(config, 64) == pytest.approx(0.075 * 8)
+
+
+def test_lars_scales_each_update_by_the_trust_ratio_and_skips_excluded_groups():
+    weight = torch.nn.Parameter(torch.full((4,), 2.0))
+    bias = torch.nn.Parameter(torch.full((4,), 2.0))
+    optimizer = LARS([{"params": [weight]}, {"params": [bias], "lars_exclude": True}],
+                     lr=1.0, momentum=0.0, weight_decay=0.5, trust_coefficient=0.01)
+    weight.grad = torch.full((4,), 3.0)
+    bias.grad = torch.full((4,), 3.0)
+    optimizer.step()
+    update = torch.full((4,), 3.0 + 0.5 * 2.0)
+    trust = 0.01 * 4.0 / update.norm()  # |w| = 4
+    assert torch.allclose(weight, 2.0 - trust * update)
+    assert torch.allclose(bias, torch.full((4,), 2.0 - 3.0))  # plain SGD, no weight decay
+
+
+def test_optimizer_excludes_biases_and_norms_from_weight_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    optimizer = build_optimizer(list(model.named_parameters()),
+                                OptimConfig(name="sgd", weight_decay=0.1), 256)
+    decays = [(len(g["params"]), g["weight_decay"]) for g in optimizer.param_groups]
+    assert decays == [(1, 0.1), (3, 0.0)]
+
+
+def test_knn_matches_a_brute_force_weighted_vote():
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(50, 8, generator=generator)
+    bank_labels = torch.randint(0, 3, (50,), generator=generator)
+    queries = torch.randn(7, 8, generator=generator)
+    predictions = knn_predict(bank, bank_labels, queries, num_classes=3, k=5, temperature=0.1)
+    for query, prediction in zip(queries, predictions):
+        similarity = [float(torch.nn.functional.cosine_similarity(query, b, dim=0)) for b in bank]
+        nearest = sorted(range(50), key=lambda i: -similarity[i])[:5]
+        votes = [0.0, 0.0, 0.0]
+        for i in nearest:
+            votes[int(bank_labels[i])] += math.exp(similarity[i] / 0.1)
+        assert int(prediction) == max(range(3), key=lambda c: votes[c])
+
+
+def test_linear_probe_chooses_hyper_parameters_on_validation_never_on_test():
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=generator) * 3
+    def split(n):
+        labels = torch.randint(0, 3, (n,), generator=generator)
+        return centers[labels] + torch.randn(n, 16, generator=generator), labels
+    train, val, test = split(300), split(100), split(100)
+    grid = dict(lrs=[1e-3, 1e-1], weight_decays=[0.0, 1e-2], steps=50)
+    clean = linear_probe(train, val, test, 3, **grid)
+    scrambled = linear_probe(train, val, (test[0], test[1].roll(1)), 3, **grid)
+    assert (clean.lr, clean.weight_decay) == (scrambled.lr, scrambled.weight_decay)
+    assert clean.val_top1 == scrambled.val_top1
+    assert clean.test_top1 > 0.9
