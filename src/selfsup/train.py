@@ -231,8 +231,8 @@ def plot_loss_curve(metrics_csv: Path, out_png: Path) -> Path | None:
         twin = axis.twinx()
         twin.plot(knn_steps, knn, "o-", color="tab:orange", label="val kNN top-1")
         twin.set_ylabel("val kNN top-1")
-    figure.legend(loc="upper right")
-    figure.tight_layout()
+    figure.legend(loc="upper center", ncol=2, frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 0.93))
     figure.savefig(out_png, dpi=100)
     plt.close(figure)
     return out_png
@@ -246,6 +246,12 @@ def train(config: Config) -> dict[str, Any]:
     """
     from selfsup.evaluate import evaluate_backbone
 
+    # -- output-folder guard (selfsup.outputs): never train over an earlier run by accident ----
+    from selfsup.outputs import prepare_out_dir
+
+    prepare_out_dir(config.train.out, resume=config.train.resume,
+                    overwrite=config.train.overwrite)
+    # -- end of guard -----------------------------------------------------------------------------
     out = Path(config.train.out)
     checkpoint_dir = out / "checkpoints"
     splits = load_data(config.data.source, image_size=config.data.image_size,
