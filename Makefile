@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/selfsup train --config configs/demo_simclr_sample.yaml
+	$(BIN)/selfsup train --config configs/demo_simclr_sample.yaml --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -8,9 +8,11 @@ weights_only=True)``: a checkpoint that would need arbitrary unpickling is refus
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -18,13 +20,17 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from selfsup.errors import CheckpointError
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(stream)`` on a temporary file beside ``path``, fsync it, rename it to ``path``.
+
+    A reader sees the old file or the complete new one, never a partial write.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -38,20 +44,46 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         os.close(directory)
 
 
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    atomic_write(path, lambda stream: torch.save(obj, stream))
+
+
+def _refusal_reason(message: str) -> str | None:
+    """What a weights-only load objected to, or None when the failure is something else.
+
+    torch's own message starts by suggesting ``weights_only=False``, which is exactly what must
+    not be done with a file from a stranger; only the objection itself is kept.
+    """
+    if "weights only" not in message.lower() and "weights_only" not in message:
+        return None
+    found = re.search(r"Unsupported (global|operand):? (?:GLOBAL )?([^\s,]+)", message)
+    if found is None:
+        return "it asks for something outside the weights-only allow-list"
+    return f"it asks for the {found.group(1)} {found.group(2)}"
+
+
 def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint as plain data; refuse anything that would execute code."""
+    """Load a checkpoint as plain data; refuse anything that would execute code.
+
+    Only tensors, numbers, strings, lists and dicts are rebuilt (``torch.load(...,
+    weights_only=True)``). A file that asks for any other global (``os.system``, ``exec``, a
+    class with a ``__reduce__``...) is refused with a :class:`CheckpointError` naming it; nothing
+    it holds is run.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        message = str(error).strip()
+        refused = _refusal_reason(message)
+        if refused is not None:
             raise CheckpointError(
-                f"{path}: refused: loading it would need arbitrary unpickling, which can run "
-                f"code. Only plain tensors, numbers, strings, lists and dicts are loaded "
-                f"({reason[:200]})") from None
+                f"{path}: refused: loading it would need arbitrary unpickling ({refused}), "
+                "which can run code. selfsup loads only tensors, numbers, strings, lists and "
+                "dicts from a checkpoint; nothing in this file was run") from None
+        reason = message.splitlines()[0] if message else type(error).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
                               f"{reason[:200]}") from None
     if not isinstance(checkpoint, dict):
@@ -81,3 +113,30 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
     if not Path(resume).is_file():
         raise CheckpointError(f"--resume {resume}: checkpoint file not found")
     return resume
+
+
+def method_from_checkpoint(path: str | Path):
+    """Rebuild the pretraining method of a selfsup training checkpoint, with its weights.
+
+    Returns ``(config, data_info, method)``. The file is read with ``weights_only=True``.
+    """
+    from selfsup.config import Config
+    from selfsup.train import build_pretraining_method
+
+    checkpoint = load_checkpoint_file(path)
+    try:
+        hyper = checkpoint["hyper_parameters"]
+        config = Config(**hyper["config"])
+        info = hyper["data_info"]
+        state = {key[len("method."):]: value for key, value in checkpoint["state_dict"].items()
+                 if key.startswith("method.")}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CheckpointError(f"{path}: not a selfsup training checkpoint "
+                              "(no selfsup config inside)") from None
+    method = build_pretraining_method(config, info)
+    try:
+        method.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: weights do not fit {config.method} with "
+                              f"{config.backbone.name}: {str(error).splitlines()[0]}") from None
+    return config, info, method

@@ -1,4 +1,4 @@
-"""The ``selfsup`` command: train, eval, embed, methods.
+"""The ``selfsup`` command: train, eval, embed, export, methods.
 
 Errors raised on purpose (``SelfSupError``) are printed as one line naming the file, key or value
 at fault, with exit status 2; ``--json`` makes the last line of stdout one JSON object.
@@ -25,7 +25,7 @@ _TRAIN_FLAGS: dict[str, str] = {
     "precision": "train.precision", "devices": "train.devices", "num_nodes": "train.num_nodes",
     "accelerator": "train.accelerator", "checkpoint_every": "train.checkpoint_every",
     "resume": "train.resume", "out": "train.out", "num_workers": "data.num_workers",
-    "lr": "optim.lr", "optimizer": "optim.name",
+    "lr": "optim.lr", "optimizer": "optim.name", "overwrite": "train.overwrite",
 }
 
 
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, help="save every N steps")
     train.add_argument("--resume", help="PATH to a checkpoint, or 'auto' for OUT's last one")
     train.add_argument("--out", help="output folder (default runs/selfsup)")
+    train.add_argument("--overwrite", action="store_true", default=None,
+                       help="replace an earlier run's results, checkpoints and logs in OUT")
     train.add_argument("--no-eval", action="store_true", help="skip kNN/linear after training")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="set any config key, e.g. --set method_args.temperature=0.2")
@@ -86,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--split", choices=["train", "val", "test"], default="test")
     embed.add_argument("--out", required=True, help="FILE.npy (labels go to FILE.labels.npy)")
     embed.add_argument("--json", action="store_true")
+
+    export = commands.add_parser("export", help="write a checkpoint's backbone as safetensors")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--out", required=True,
+                        help="FILE.safetensors (load it with selfsup.export.load_backbone)")
+    export.add_argument("--json", action="store_true")
 
     methods = commands.add_parser("methods", help="list methods and their default settings")
     methods.add_argument("--json", action="store_true")
@@ -113,32 +121,14 @@ def _train_config(args: argparse.Namespace):
 
 
 def _load_for_eval(args: argparse.Namespace):
-    from selfsup.checkpoint import load_checkpoint_file
-    from selfsup.config import Config
+    from selfsup.checkpoint import method_from_checkpoint
     from selfsup.data import load_data
-    from selfsup.errors import CheckpointError
-    from selfsup.train import build_pretraining_method
 
-    checkpoint = load_checkpoint_file(args.checkpoint)
-    try:
-        hyper = checkpoint["hyper_parameters"]
-        config = Config(**hyper["config"])
-        info = hyper["data_info"]
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{args.checkpoint}: not a selfsup training checkpoint "
-                              "(no selfsup config inside)") from None
-    source = args.data or config.data.source
-    splits = load_data(source, image_size=args.image_size or info["image_size"],
+    config, info, method = method_from_checkpoint(args.checkpoint)
+    splits = load_data(args.data or config.data.source,
+                       image_size=args.image_size or info["image_size"],
                        val_fraction=config.data.val_fraction, seed=config.train.seed,
                        download=args.download)
-    method = build_pretraining_method(config, info)
-    state = {k[len("method."):]: v for k, v in checkpoint["state_dict"].items()
-             if k.startswith("method.")}
-    try:
-        method.load_state_dict(state)
-    except RuntimeError as error:
-        raise CheckpointError(f"{args.checkpoint}: weights do not fit {config.method} with "
-                              f"{config.backbone.name}: {str(error).splitlines()[0]}") from None
     return config, info, splits, method
 
 
@@ -184,6 +174,16 @@ def _command_embed(args: argparse.Namespace) -> dict[str, Any]:
     return {"embeddings": str(out), "labels": str(labels_path), "shape": list(features.shape)}
 
 
+def _command_export(args: argparse.Namespace) -> dict[str, Any]:
+    from selfsup.export import export_backbone
+
+    results = export_backbone(args.checkpoint, args.out)
+    if not args.json:
+        print(f"wrote {results['weights']}: {results['backbone']} backbone of {results['method']}, "
+              f"{results['feature_dim']}-d features")
+    return results
+
+
 def _command_methods(args: argparse.Namespace) -> dict[str, Any]:
     from selfsup.methods import METHODS, method_hyperparameters
 
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         handler = {"train": _command_train, "eval": _command_eval, "embed": _command_embed,
-                   "methods": _command_methods}[args.command]
+                   "export": _command_export, "methods": _command_methods}[args.command]
         results = handler(args)
     except SelfSupError as error:
         print(f"selfsup: error: {error}", file=sys.stderr)

@@ -65,6 +65,8 @@ class TrainConfig(_Section):
     keep_checkpoints: PositiveInt = 3
     out: str = "runs/selfsup"
     resume: str | None = None
+    # Replace an earlier run's outputs in ``out`` (otherwise a run refuses a folder holding one).
+    overwrite: bool = False
     log_every: PositiveInt = 10
     channels_last: bool = False
     progress_bar: bool = True

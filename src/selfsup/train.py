@@ -47,14 +47,19 @@ def data_info_dict(info: DataInfo) -> dict[str, Any]:
             "mean": list(info.mean), "std": list(info.std), "num_train": info.num_train}
 
 
+def resolved_cifar_stem(config: Config, info: dict[str, Any]) -> bool:
+    """``backbone.cifar_stem``, with None meaning: the CIFAR stem for images of 64 px or less."""
+    if config.backbone.cifar_stem is not None:
+        return config.backbone.cifar_stem
+    return info["image_size"] <= 64
+
+
 def build_pretraining_method(config: Config, info: dict[str, Any]) -> Method:
     """The method with its backbone, initialised from ``config.train.seed`` (so that a second
     call gives the same random-init network: the baseline of every evaluation)."""
     L.seed_everything(config.train.seed, workers=True, verbose=False)
-    cifar_stem = config.backbone.cifar_stem
-    if cifar_stem is None:
-        cifar_stem = info["image_size"] <= 64
-    backbone, feature_dim = build_backbone(config.backbone.name, cifar_stem=cifar_stem,
+    backbone, feature_dim = build_backbone(config.backbone.name,
+                                           cifar_stem=resolved_cifar_stem(config, info),
                                            width=config.backbone.width)
     context = MethodContext(feature_dim=feature_dim, num_samples=info["num_train"],
                             num_classes=info["num_classes"], image_size=info["image_size"])

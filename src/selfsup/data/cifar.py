@@ -5,7 +5,9 @@ The official batches are pickles, and unpickling runs whatever the file tells it
 read with :class:`RestrictedUnpickler`, which resolves only the few numpy globals an array
 needs; anything else is refused. The tarball is read member by member in memory, never
 extracted, and an archive holding a member that could escape a target directory (absolute
-path, ``..``), a link or a device is refused outright.
+path, ``..``), a link or a device is refused outright. So is an archive (tarball or npz) that
+would unpack to more than :data:`MAX_ARCHIVE_BYTES` or hold more than
+:data:`MAX_ARCHIVE_MEMBERS` members: both are read from the headers, before any data.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ ARCHIVE_NAME = "cifar-10-python.tar.gz"
 BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
+# CIFAR-10 unpacks to about 185 MB in 8 members (tarball) or 7 arrays (npz); anything far larger
+# is not CIFAR-10, and reading it whole into memory (as these readers do) could exhaust it.
+MAX_ARCHIVE_BYTES = 1 << 30
+MAX_ARCHIVE_MEMBERS = 1000
 
 
 @dataclass
@@ -161,6 +167,20 @@ def check_tar_member(member: tarfile.TarInfo, archive: Path) -> None:
     if not (member.isfile() or member.isdir()):
         kind = "link" if (member.issym() or member.islnk()) else "special file"
         raise DataError(f"{archive}: refusing archive, member {member.name!r} is a {kind}")
+    data_filter = getattr(tarfile, "data_filter", None)  # Python >= 3.12, 3.11.4, 3.10.12
+    if data_filter is not None:  # a second opinion: the filter tarfile applies on extraction
+        try:
+            data_filter(member, str(archive.parent))
+        except tarfile.FilterError as exc:
+            raise DataError(f"{archive}: refusing archive, member {member.name!r}: {exc}") from None
+
+
+def _refuse_oversized(archive: Path, members: int, unpacked: int) -> None:
+    if members > MAX_ARCHIVE_MEMBERS or unpacked > MAX_ARCHIVE_BYTES:
+        raise DataError(
+            f"{archive}: refusing archive, it holds more than {MAX_ARCHIVE_MEMBERS} members or "
+            f"unpacks to more than {MAX_ARCHIVE_BYTES} bytes (at least {members} members, "
+            f"{unpacked} bytes); CIFAR-10 is about 185 MB")
 
 
 def read_archive(archive: Path) -> CifarArrays:
@@ -171,10 +191,13 @@ def read_archive(archive: Path) -> CifarArrays:
     """
     batches: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     wanted = {*TRAIN_BATCHES, TEST_BATCH}
+    members = unpacked = 0
     try:
         with tarfile.open(archive, mode="r:*") as tar:
             for member in tar:
                 check_tar_member(member, archive)
+                members, unpacked = members + 1, unpacked + member.size
+                _refuse_oversized(archive, members, unpacked)  # from the header, before reading
                 name = PurePosixPath(member.name).name
                 if not member.isfile() or name not in wanted:
                     continue
@@ -196,6 +219,9 @@ def read_npz(path: Path) -> CifarArrays:
     Images are transposed once to CHW here, so a sample costs an index and a copy later.
     """
     try:
+        with zipfile.ZipFile(path) as archive:  # sizes from the central directory, before data
+            infos = archive.infolist()
+            _refuse_oversized(path, len(infos), sum(info.file_size for info in infos))
         with np.load(path, allow_pickle=False) as npz:
             missing = [key for key in ("x_train", "y_train", "x_test", "y_test") if key not in npz.files]
             if missing:
@@ -204,7 +230,7 @@ def read_npz(path: Path) -> CifarArrays:
             classes = tuple(str(c) for c in npz["classes"]) if "classes" in npz.files else CIFAR10_CLASSES
     except DataError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, MemoryError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a readable npz file ({type(exc).__name__}: {exc})") from exc
     out = {}
     for split in ("train", "test"):

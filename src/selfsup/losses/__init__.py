@@ -1,7 +1,25 @@
 """Losses of the contrastive-learning literature: pure functions on tensors, one file per family,
 each also usable as an ``nn.Module``."""
 
+from selfsup.losses.alignment_uniformity import (AlignmentLoss, AlignUniformLoss, UniformityLoss,
+                                                 align_uniform_loss, alignment, uniformity)
+from selfsup.losses.debiased import DebiasedNTXentLoss, debiased_nt_xent
+from selfsup.losses.flat_nce import FlatNCELoss, flat_nce
+from selfsup.losses.hard_negative import HardNegativeNTXentLoss, hard_negative_nt_xent
 from selfsup.losses.info_nce import InfoNCELoss, info_nce
+from selfsup.losses.nce import MemoryBankSoftmaxLoss, NCELoss, memory_bank_softmax, nce
 from selfsup.losses.nt_xent import NTXentLoss, nt_xent
+from selfsup.losses.supcon import SupConLoss, supcon
+from selfsup.losses.triplet import NPairLoss, TripletLoss, n_pair, triplet
 
-__all__ = ["info_nce", "InfoNCELoss", "nt_xent", "NTXentLoss"]
+__all__ = [
+    "info_nce", "InfoNCELoss", "nt_xent", "NTXentLoss",
+    "supcon", "SupConLoss",
+    "nce", "NCELoss", "memory_bank_softmax", "MemoryBankSoftmaxLoss",
+    "debiased_nt_xent", "DebiasedNTXentLoss",
+    "hard_negative_nt_xent", "HardNegativeNTXentLoss",
+    "flat_nce", "FlatNCELoss",
+    "alignment", "AlignmentLoss", "uniformity", "UniformityLoss",
+    "align_uniform_loss", "AlignUniformLoss",
+    "triplet", "TripletLoss", "n_pair", "NPairLoss",
+]

@@ -1,0 +1,92 @@
+"""Supervised contrastive loss, SupCon (Khosla et al. 2020, "Supervised Contrastive Learning",
+eq. 2, the L_out form the paper recommends).
+
+Every view of every sample is an anchor ("all" contrast mode). With A(i) the other views of the
+batch and P(i) those of A(i) that share anchor i's label::
+
+    L = 1/|I'| * sum_{i in I'}  -1/|P(i)| * sum_{p in P(i)} log  exp(z_i·z_p / t)
+                                                         / sum_{a in A(i)} exp(z_i·z_a / t)
+
+where I' is the set of anchors with at least one positive. The embeddings are L2-normalised here
+(the SupContrast reference expects them normalised). Paper default t = 0.1; the reference also
+multiplies by t / base_temperature with base_temperature = 0.07, which ``base_temperature`` enables.
+With ``labels=None`` each sample is its own class, so the positives are its other views and the
+loss is SimCLR's NT-Xent.
+
+Anchors without a positive (a class that appears once, with one view): their term is 0/0 in the
+equation, so they are left out of I' and of the mean (the reference instead counts them as 0 in the
+mean, which dilutes the loss by their share). If no anchor has a positive the loss is 0, still
+attached to the graph so ``backward`` works and gives zero gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfsup.distributed import gather_no_grad, gather_with_grad, rank, world_size
+
+
+def supcon(features: torch.Tensor, labels: torch.Tensor | None = None, temperature: float = 0.1,
+           base_temperature: float | None = None, gather_distributed: bool = False
+           ) -> torch.Tensor:
+    """SupCon loss of ``features`` shaped (N, n_views, D) with class ``labels`` shaped (N,).
+
+    With ``gather_distributed`` the anchors are this process's views and the contrast set (and
+    labels, gathered without gradient) comes from every process; the features are gathered with
+    their gradient.
+    """
+    if features.dim() != 3:
+        raise ValueError(f"features must be (N, n_views, D), got shape {tuple(features.shape)}")
+    n, views, _ = features.shape
+    if labels is not None and labels.shape != (n,):
+        raise ValueError(f"labels must be (N,) = ({n},), got shape {tuple(labels.shape)}")
+    features = F.normalize(features, dim=-1)
+    processes, me = (world_size(), rank()) if gather_distributed else (1, 0)
+    everyone = gather_with_grad(features) if gather_distributed else features
+    own = torch.arange(n, device=features.device) + me * n
+    if labels is None:
+        # Sample identity is the label: positives are exactly the other views of the same sample.
+        labels, contrast_labels = own, torch.arange(n * processes, device=features.device)
+    else:
+        contrast_labels = gather_no_grad(labels) if gather_distributed else labels
+    # View-major layout, as the reference's torch.cat(torch.unbind(features, dim=1)).
+    anchors = features.transpose(0, 1).reshape(views * n, -1)
+    contrast = everyone.transpose(0, 1).reshape(views * n * processes, -1)
+    anchor_labels, contrast_labels = labels.repeat(views), contrast_labels.repeat(views)
+    anchor_positions = (own.unsqueeze(0)
+                        + n * processes * torch.arange(views, device=features.device).unsqueeze(1)
+                        ).reshape(-1)
+
+    logits = anchors @ contrast.transpose(0, 1) / temperature
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[torch.arange(views * n, device=features.device), anchor_positions] = True
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive_mask = (anchor_labels.unsqueeze(1) == contrast_labels.unsqueeze(0)) & ~self_mask
+    positive_count = positive_mask.sum(dim=1)
+    # torch.where, not a product with the mask: log_prob is -inf on the diagonal and 0 * -inf = nan.
+    mean_log_prob_positive = (torch.where(positive_mask, log_prob, 0.0).sum(dim=1)
+                              / positive_count.clamp(min=1))
+    has_positive = positive_count > 0
+    loss = (-torch.where(has_positive, mean_log_prob_positive, 0.0).sum()
+            / has_positive.sum().clamp(min=1))
+    if base_temperature is not None:
+        loss = loss * (temperature / base_temperature)
+    return loss
+
+
+class SupConLoss(nn.Module):
+    """Module form of :func:`supcon`."""
+
+    def __init__(self, temperature: float = 0.1, base_temperature: float | None = None,
+                 gather_distributed: bool = False) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.base_temperature = base_temperature
+        self.gather_distributed = gather_distributed
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return supcon(features, labels, self.temperature, self.base_temperature,
+                      self.gather_distributed)
