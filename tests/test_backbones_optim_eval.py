@@ -100,6 +100,7 @@ def test_optimizer_excludes_biases_and_norms_from_weight_decay():
                                 OptimConfig(name="sgd", weight_decay=0.1), 256)
     decays = [(len(g["params"]), g["weight_decay"]) for g in optimizer.param_groups]
     assert decays == [(1, 0.1), (3, 0.0)]
+    assert not any(g["fixed_lr"] for g in optimizer.param_groups)
 
 
 def test_knn_matches_a_brute_force_weighted_vote():
@@ -130,3 +131,33 @@ def test_linear_probe_chooses_hyper_parameters_on_validation_never_on_test():
     assert (clean.lr, clean.weight_decay) == (scrambled.lr, scrambled.weight_decay)
     assert clean.val_top1 == scrambled.val_top1
     assert clean.test_top1 > 0.9
+
+
+def test_fixed_lr_modules_keep_their_base_learning_rate_under_the_schedule():
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(3, 3), "predictor": torch.nn.Linear(3, 3)})
+    optimizer = build_optimizer(list(model.named_parameters()), OptimConfig(lr=0.1, lr_scaling="none"),
+                                256, fixed_lr_prefixes=("predictor",))
+    from selfsup.optim import constant_schedule
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [constant_schedule if g["fixed_lr"] else WarmupCosine(0, 10)
+                    for g in optimizer.param_groups])
+    for _ in range(5):
+        optimizer.step()
+        schedule.step()
+    rates = {g["fixed_lr"]: g["lr"] for g in optimizer.param_groups}
+    assert rates[True] == pytest.approx(0.1) and rates[False] == pytest.approx(0.05)
+
+
+def test_collapse_monitors_tell_a_collapsed_embedding_from_a_healthy_one():
+    from selfsup.evaluate.metrics import collapse_metrics
+
+    generator = torch.Generator().manual_seed(0)
+    healthy = torch.randn(256, 64, generator=generator)
+    collapsed = torch.randn(1, 64, generator=generator).repeat(256, 1) + 1e-6 * healthy
+    good, bad = collapse_metrics([healthy, healthy]), collapse_metrics([collapsed, collapsed])
+    assert good["embedding_std"] == pytest.approx(1 / 64 ** 0.5, rel=0.1)
+    assert bad["embedding_std"] < 1e-3
+    assert good["effective_rank"] > 40 and bad["effective_rank"] < 1.01
+    assert bad["uniformity"] == pytest.approx(0.0, abs=1e-3)  # every point in the same place
+    assert good["alignment"] == pytest.approx(0.0, abs=1e-6)

@@ -65,23 +65,32 @@ def scaled_learning_rate(config: OptimConfig, global_batch_size: int) -> float:
 
 
 def build_optimizer(named_parameters: list[tuple[str, nn.Parameter]], config: OptimConfig,
-                    global_batch_size: int) -> torch.optim.Optimizer:
+                    global_batch_size: int, fixed_lr_prefixes: tuple[str, ...] = ()
+                    ) -> torch.optim.Optimizer:
+    """Parameter groups: (weight-decayed | biases and norms) x (scheduled | fixed lr).
+
+    Parameters whose name starts with one of ``fixed_lr_prefixes`` go to groups flagged
+    ``fixed_lr``; :class:`WarmupCosine` schedules leave those at the base learning rate.
+    """
     lr = scaled_learning_rate(config, global_batch_size)
-    regular, excluded = [], []
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, parameter in named_parameters:
-        if config.exclude_bias_and_norm and _is_bias_or_norm(name, parameter):
-            excluded.append(parameter)
-        else:
-            regular.append(parameter)
-    groups = [{"params": regular, "weight_decay": config.weight_decay},
-              {"params": excluded, "weight_decay": 0.0}]
+        excluded = config.exclude_bias_and_norm and _is_bias_or_norm(name, parameter)
+        fixed = any(name == p or name.startswith(p + ".") for p in fixed_lr_prefixes)
+        groups.setdefault((excluded, fixed), []).append(parameter)
+    param_groups = [{"params": params, "weight_decay": 0.0 if excluded else config.weight_decay,
+                     "fixed_lr": fixed, "lars_exclude": excluded and config.name == "lars"}
+                    for (excluded, fixed), params in sorted(groups.items())]
     if config.name == "lars":
-        groups[1]["lars_exclude"] = True
-        return LARS(groups, lr=lr, momentum=config.momentum,
+        return LARS(param_groups, lr=lr, momentum=config.momentum,
                     trust_coefficient=config.trust_coefficient)
     if config.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=config.betas)
-    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
+        return torch.optim.AdamW(param_groups, lr=lr, betas=config.betas)
+    return torch.optim.SGD(param_groups, lr=lr, momentum=config.momentum)
+
+
+def constant_schedule(step: int) -> float:
+    return 1.0
 
 
 class WarmupCosine:

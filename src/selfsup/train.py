@@ -28,8 +28,10 @@ from selfsup.data import DataInfo, DataSplits, build_loader, load_data
 from selfsup.distributed import gather_no_grad
 from selfsup.errors import SelfSupError
 from selfsup.evaluate.knn import knn_top1
+from selfsup.evaluate.metrics import collapse_metrics
 from selfsup.methods import Batch, Method, MethodContext, build_method
-from selfsup.optim import WarmupCosine, build_optimizer, scaled_learning_rate
+from selfsup.optim import (WarmupCosine, build_optimizer, constant_schedule,
+                           scaled_learning_rate)
 
 
 class NonFiniteLossError(SelfSupError):
@@ -102,10 +104,12 @@ class SelfSupervisedModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = build_optimizer(
             [(n, p) for n, p in self.method.named_parameters() if p.requires_grad],
-            self.config.optim, self.global_batch_size())
+            self.config.optim, self.global_batch_size(), self.method.fixed_lr_modules)
         warmup = round(self.config.optim.warmup_epochs * self.steps_per_epoch)
+        warmup_cosine = WarmupCosine(warmup, self.total_steps())
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, WarmupCosine(warmup, self.total_steps()))
+            optimizer, [constant_schedule if group["fixed_lr"] else warmup_cosine
+                        for group in optimizer.param_groups])
         if self.probe is not None:
             # The probe has an optimizer of its own, stepped by hand, so Lightning's step count
             # (and max_steps) counts pretraining steps only.
@@ -136,6 +140,8 @@ class SelfSupervisedModule(L.LightningModule):
                 f"non-finite loss {loss.item()} at step {self.global_step} (parts: {parts}); "
                 f"the last good checkpoint is in {Path(self.config.train.out) / 'checkpoints'}")
         logs = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in output.logs.items()}}
+        if output.embeddings and self.global_step % self.config.train.log_every == 0:
+            logs.update({f"train/{k}": v for k, v in collapse_metrics(output.embeddings).items()})
         if self.probe is not None and output.features is not None and labels is not None:
             labelled = labels >= 0
             if labelled.any():
@@ -144,7 +150,8 @@ class SelfSupervisedModule(L.LightningModule):
                 logs["train/probe_loss"] = probe_loss.detach()
                 logs["train/probe_top1"] = (logits.argmax(1) == labels[labelled]).float().mean()
                 loss = loss + probe_loss
-        logs["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        logs["train/lr"] = max(g["lr"] for g in self.trainer.optimizers[0].param_groups
+                               if not g["fixed_lr"])
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
         self.log("loss", output.loss.detach(), prog_bar=True, on_step=True, logger=False)
         return loss

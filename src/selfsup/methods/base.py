@@ -6,8 +6,9 @@ A method is an ``nn.Module`` with
   the papers evaluate it);
 - ``views``: the augmentation recipe it trains on (a name in ``selfsup.augment.RECIPES``) and
   ``num_views``;
-- ``training_step(batch) -> StepOutput``: the loss, values to log, and the backbone features of
-  the first view (the online linear probe reads them, detached);
+- ``training_step(batch) -> StepOutput``: the loss, values to log, the backbone features of the
+  first view (the online linear probe reads them, detached) and the per-view embeddings (the
+  collapse monitors read them);
 - ``on_after_optimizer_step(progress)``: momentum updates, schedules (progress in [0, 1]);
 - ``state_dict()``: everything needed to resume exactly (queues, banks, EMA weights are persistent
   buffers or submodules).
@@ -58,9 +59,17 @@ class Batch:
 
 @dataclass
 class StepOutput:
+    """What a training step returns.
+
+    ``features``: backbone features of the first view (the online probe reads them, detached).
+    ``embeddings``: the per-view outputs the loss compares (projections); the trainer logs the
+    collapse monitors of ``selfsup.evaluate.metrics`` on them.
+    """
+
     loss: torch.Tensor
     logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
     features: torch.Tensor | None = None
+    embeddings: list[torch.Tensor] | None = None
 
 
 class Method(nn.Module):
@@ -72,6 +81,9 @@ class Method(nn.Module):
     num_views: ClassVar[int] = 2
     # The paper's optimizer settings (keys of ``selfsup.config.OptimConfig``); configs override.
     default_optimizer: ClassVar[dict[str, Any]] = {}
+    # Submodules whose learning rate stays at its base value instead of following the schedule
+    # (SimSiam's predictor, Chen & He 2021, Section 4.1).
+    fixed_lr_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: nn.Module, context: MethodContext) -> None:
         super().__init__()

@@ -69,7 +69,7 @@ class MoCoV2(Method):
         loss = info_nce(query, key, negative_keys=self.queue.snapshot(),
                         temperature=self.temperature)
         self.queue.push(gather_no_grad(key))
-        return StepOutput(loss, features=features)
+        return StepOutput(loss, features=features, embeddings=[query, key])
 
     def on_after_optimizer_step(self, progress: float) -> None:
         self.momentum_encoder.update(nn.Sequential(self.backbone, self.projector), self.momentum)

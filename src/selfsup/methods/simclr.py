@@ -40,4 +40,4 @@ class SimCLR(Method):
         features = self.backbone(torch.cat([x1, x2]))
         z1, z2 = self.projector(features).chunk(2)
         loss = nt_xent(z1, z2, self.temperature, gather_distributed=True)
-        return StepOutput(loss, features=features[: x1.shape[0]])
+        return StepOutput(loss, features=features[: x1.shape[0]], embeddings=[z1, z2])
