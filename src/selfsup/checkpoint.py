@@ -62,8 +62,11 @@ def _refusal_reason(message: str) -> str | None:
     return f"it asks for the {found.group(1)} {found.group(2)}"
 
 
-def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False
+                         ) -> dict[str, Any]:
     """Load a checkpoint as plain data; refuse anything that would execute code.
+
+    ``mmap=True`` maps the tensors instead of reading them: cheap when a few fields are needed.
 
     Only tensors, numbers, strings, lists and dicts are rebuilt (``torch.load(...,
     weights_only=True)``). A file that asks for any other global (``os.system``, ``exec``, a
@@ -74,7 +77,7 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         message = str(error).strip()
         refused = _refusal_reason(message)

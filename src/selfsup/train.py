@@ -22,10 +22,9 @@ from torch import nn
 
 from selfsup.augment import build_view_generator
 from selfsup.backbones import build_backbone
-from selfsup.checkpoint import AtomicCheckpointIO, resolve_resume
+from selfsup.checkpoint import AtomicCheckpointIO, load_checkpoint_file, resolve_resume
 from selfsup.config import Config
 from selfsup.data import DataInfo, DataSplits, build_loader, load_data
-from selfsup.distributed import gather_no_grad
 from selfsup.errors import SelfSupError
 from selfsup.evaluate.knn import knn_top1
 from selfsup.evaluate.metrics import collapse_metrics
@@ -66,6 +65,35 @@ def build_pretraining_method(config: Config, info: dict[str, Any]) -> Method:
     context = MethodContext(feature_dim=feature_dim, num_samples=info["num_train"],
                             num_classes=info["num_classes"], image_size=info["image_size"])
     return build_method(config.method, backbone, context, config.method_args)
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "position": position,
+            "has_gauss": has_gauss, "cached": cached}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    np.random.set_state((state["name"], state["keys"].numpy().astype("uint32"), state["position"],
+                         state["has_gauss"], state["cached"]))
+
+
+def _python_rng_state() -> list[Any]:
+    import random
+
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_rng_state(state: list[Any]) -> None:
+    import random
+
+    version, internal, gauss = state
+    random.setstate((version, tuple(internal), gauss))
 
 
 class SelfSupervisedModule(L.LightningModule):
@@ -156,7 +184,10 @@ class SelfSupervisedModule(L.LightningModule):
         self.log("loss", output.loss.detach(), prog_bar=True, on_step=True, logger=False)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: checkpoint callbacks run before that hook, and a
+        # mid-epoch checkpoint must hold the momentum encoder and probe of the same step.
         if self.probe_optimizer is not None:
             self.probe_optimizer.step()
             self.probe_optimizer.zero_grad(set_to_none=True)
@@ -177,8 +208,6 @@ class SelfSupervisedModule(L.LightningModule):
         bank, queries = ([torch.cat(parts) for parts in zip(*self._monitor_outputs[i])]
                          for i in (0, 1))
         self._monitor_outputs.clear()
-        bank = [gather_no_grad(t) for t in bank]
-        queries = [gather_no_grad(t) for t in queries]
         metrics = {"val/knn_top1": knn_top1(*bank, *queries, self.data_info["num_classes"],
                                             self.config.eval.knn_k,
                                             self.config.eval.knn_temperature)}
@@ -192,9 +221,19 @@ class SelfSupervisedModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.probe_optimizer is not None:
             checkpoint["probe_optimizer"] = self.probe_optimizer.state_dict()
+        # Augmentation and method randomness are seeded from (seed, step) and the data order from
+        # (seed, epoch), so none of them needs a saved state; the global generators are saved
+        # anyway (as plain data, loadable with weights_only) for user code that draws from them.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
+                                    "numpy": _numpy_rng_state(), "python": _python_rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_probe_state = checkpoint.get("probe_optimizer")
+        states = checkpoint.get("rng_states")
+        if states is not None:
+            torch.set_rng_state(states["torch"])
+            _set_numpy_rng_state(states["numpy"])
+            _set_python_rng_state(states["python"])
 
     def on_train_start(self) -> None:
         state = getattr(self, "_pending_probe_state", None)
@@ -213,8 +252,9 @@ def _monitor_loaders(splits: DataSplits, config: Config) -> list[Any]:
                          num_workers=0) for d in (bank, splits.val)]
 
 
-def plot_loss_curve(metrics_csv: Path, out_png: Path) -> Path | None:
-    """Plot train/loss (and the validation kNN accuracy when logged) from the CSV log."""
+def plot_loss_curve(metrics_csvs: list[Path], out_png: Path) -> Path | None:
+    """Plot train/loss (and the validation kNN accuracy when logged) from the CSV logs of every
+    attempt of a run; a later attempt's value for a step replaces an earlier one's."""
     import csv
 
     import matplotlib
@@ -222,19 +262,19 @@ def plot_loss_curve(metrics_csv: Path, out_png: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not metrics_csv.is_file():
+    loss_by_step: dict[int, float] = {}
+    knn_by_step: dict[int, float] = {}
+    for metrics_csv in metrics_csvs:
+        with metrics_csv.open() as stream:
+            for row in csv.DictReader(stream):
+                if row.get("train/loss"):
+                    loss_by_step[int(row["step"])] = float(row["train/loss"])
+                if row.get("val/knn_top1"):
+                    knn_by_step[int(row["step"])] = float(row["val/knn_top1"])
+    if not loss_by_step:
         return None
-    steps, losses, knn_steps, knn = [], [], [], []
-    with metrics_csv.open() as stream:
-        for row in csv.DictReader(stream):
-            if row.get("train/loss"):
-                steps.append(int(row["step"]))
-                losses.append(float(row["train/loss"]))
-            if row.get("val/knn_top1"):
-                knn_steps.append(int(row["step"]))
-                knn.append(float(row["val/knn_top1"]))
-    if not steps:
-        return None
+    steps, losses = zip(*sorted(loss_by_step.items()))
+    knn_steps, knn = zip(*sorted(knn_by_step.items())) if knn_by_step else ((), ())
     figure, axis = plt.subplots(figsize=(7, 4))
     axis.plot(steps, losses, color="tab:blue", label="train loss")
     axis.set_xlabel("step")
@@ -273,7 +313,8 @@ def train(config: Config) -> dict[str, Any]:
     loader = build_loader(splits.train, config.train.batch_size, shuffle=True, drop_last=True,
                           num_workers=config.data.num_workers, seed=config.train.seed)
     world = config.train.devices * config.train.num_nodes
-    steps_per_epoch = max(len(loader) // world, 1)
+    # What each process's ResumableSampler yields: its share, in whole batches.
+    steps_per_epoch = max(len(splits.train) // world // config.train.batch_size, 1)
     module = SelfSupervisedModule(config.model_dump(mode="json"), info, steps_per_epoch)
     if config.train.channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -283,8 +324,10 @@ def train(config: Config) -> dict[str, Any]:
         every_n_train_steps=config.train.checkpoint_every, save_last=True,
         save_top_k=config.train.keep_checkpoints if config.train.checkpoint_every else 0,
         monitor="step", mode="max")
-    loggers = [CSVLogger(out / "logs", name="csv", version=""),
-               TensorBoardLogger(out / "logs", name="tensorboard", version="")]
+    # One log version per attempt (version_0, version_1, ... after each resume): a resumed run
+    # never deletes the metrics its earlier attempts wrote.
+    loggers = [CSVLogger(out / "logs", name="csv"),
+               TensorBoardLogger(out / "logs", name="tensorboard")]
     trainer = L.Trainer(
         accelerator=config.train.accelerator, devices=config.train.devices,
         num_nodes=config.train.num_nodes, strategy="ddp" if world > 1 else "auto",
@@ -295,8 +338,14 @@ def train(config: Config) -> dict[str, Any]:
         check_val_every_n_epoch=max(config.eval.monitor_every_n_epochs, 1),
         limit_val_batches=1.0 if config.eval.monitor_every_n_epochs and info["num_classes"]
         else 0, plugins=[AtomicCheckpointIO()], enable_progress_bar=config.train.progress_bar,
-        enable_model_summary=False, default_root_dir=out)
+        enable_model_summary=False, default_root_dir=out,
+        # ResumableSampler splits the data across processes itself, and must not be replaced.
+        use_distributed_sampler=False)
     resume = resolve_resume(config.train.resume, checkpoint_dir)
+    if resume is not None:
+        # Continue the interrupted epoch after the batches it already trained on.
+        global_step = load_checkpoint_file(resume, mmap=True)["global_step"]
+        loader.sampler.resume_at(global_step // steps_per_epoch, global_step % steps_per_epoch)
     started = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=_monitor_loaders(splits, config),
                 ckpt_path=resume)
@@ -315,7 +364,8 @@ def train(config: Config) -> dict[str, Any]:
     final_loss = trainer.callback_metrics.get("train/loss")
     if final_loss is not None:
         results["final_loss"] = float(final_loss)
-    plot = plot_loss_curve(out / "logs" / "csv" / "metrics.csv", out / "loss.png")
+    plot = plot_loss_curve(sorted((out / "logs" / "csv").glob("version_*/metrics.csv")),
+                           out / "loss.png")
     if plot is not None:
         results["loss_plot"] = str(plot)
     protocols = list(config.eval.after_training) if info["num_classes"] > 0 else []
