@@ -36,7 +36,10 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    # Gathered as 2-D: with gloo, the backward of a >2-D all_gather returned wrong gradients
+    # (tests/test_ddp.py caught it on SupCon's (N, views, D) features).
+    flat = tensor.reshape(tensor.shape[0], -1).contiguous()
+    return torch.cat(all_gather(flat), dim=0).reshape(-1, *tensor.shape[1:])
 
 
 @torch.no_grad()
