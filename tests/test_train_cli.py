@@ -65,6 +65,8 @@ def test_resume_auto_continues_from_the_last_checkpoint(trained_run, capsys):
                  "--resume", "auto", "--set", "method_args.queue_size=64", "--no-eval",
                  "--json", *TINY]) == 0
     assert _last_json(capsys)["steps"] == 5
+    # The resumed attempt logs beside the first one; neither attempt's metrics are lost.
+    assert len(list((trained_run / "logs" / "csv").glob("version_*/metrics.csv"))) == 2
 
 
 def test_two_runs_with_the_same_seed_give_identical_weights(tmp_path):
@@ -101,3 +103,35 @@ def test_two_cpu_devices_run_ddp_over_gloo_and_write_one_checkpoint(tmp_path):
     results = json.loads(completed.stdout.strip().splitlines()[-1])
     assert results["steps"] == 2 and results["global_batch_size"] == 64
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_checkpoints(tmp_path, capsys):
+    import torch
+
+    from selfsup.methods import METHODS, Method, StepOutput, register_method
+
+    @register_method
+    class ExplodingMethod(Method):
+        """A method whose loss is NaN from its third step (test double, 2026)."""
+
+        name = "exploding_test_double"
+        views = "simclr"
+
+        def __init__(self, backbone, context) -> None:
+            super().__init__(backbone, context)
+            self.steps = 0
+
+        def training_step(self, batch):
+            self.steps += 1
+            loss = self.backbone(batch.views[0]).mean()
+            return StepOutput(loss * float("nan") if self.steps >= 3 else loss,
+                              logs={"part": loss.detach()})
+
+    try:
+        code = main(["train", "--method", "exploding_test_double", "--max-steps", "5",
+                     "--out", str(tmp_path), "--no-eval", *TINY])
+    finally:
+        METHODS.pop("exploding_test_double")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "non-finite loss" in err and "step 2" in err and "checkpoints" in err and "part" in err
