@@ -7,7 +7,9 @@ For 2N augmented views, with sim(u, v) = u·v / (|u||v|) and the positive pair (
     L = 1/(2N) * sum_k [ l(2k-1, 2k) + l(2k, 2k-1) ]
 
 Each anchor has one positive and 2N - 2 negatives. Paper default t = 0.5 (CIFAR-10 runs use 0.5;
-ImageNet 0.1). Computed as a cross-entropy over a masked similarity matrix (log-sum-exp inside).
+ImageNet 0.1). Computed as log-sum-exp over each anchor's 2N - 1 other views minus its positive
+logit; the log-sum-exp goes tile by tile (:mod:`selfsup.losses.blockwise`), so a large batch
+never holds the whole 2N x 2N similarity matrix.
 """
 
 from __future__ import annotations
@@ -17,44 +19,46 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.distributed import gather_with_grad, rank, world_size
+from selfsup.losses.blockwise import contrastive_logsumexp
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
-            gather_distributed: bool = False) -> torch.Tensor:
+            gather_distributed: bool = False, block_size: int | None = None) -> torch.Tensor:
     """NT-Xent over two views ``z1``, ``z2`` of shape (N, D); ``z1[i]`` and ``z2[i]`` are positives.
 
     With ``gather_distributed`` the views of every process are negatives too (gathered with their
-    gradient); each process computes the loss of its own 2N anchors.
+    gradient); each process computes the loss of its own 2N anchors. ``block_size`` sets the tile
+    of the 2N x 2N logits (:func:`selfsup.losses.blockwise.contrastive_logsumexp`): ``None``
+    chooses, 0 computes them in one piece; the result and its gradient do not depend on it.
     """
     z1 = F.normalize(z1, dim=-1)
     z2 = F.normalize(z2, dim=-1)
     n = z1.shape[0]
+    anchors = torch.cat([z1, z2], dim=0)
     if gather_distributed:
         processes, me = world_size(), rank()
         keys = torch.cat([gather_with_grad(z1), gather_with_grad(z2)], dim=0)
     else:
-        processes, me = 1, 0
-        keys = torch.cat([z1, z2], dim=0)
-    anchors = torch.cat([z1, z2], dim=0)
-    logits = anchors @ keys.transpose(0, 1) / temperature
+        processes, me, keys = 1, 0, anchors
     # Global positions of this process's anchors among the keys: [z1 of all | z2 of all].
-    half = n * processes
     own = torch.arange(n, device=z1.device) + me * n
-    anchor_positions = torch.cat([own, own + half])
-    positive_positions = torch.cat([own + half, own])
-    self_mask = torch.zeros_like(logits, dtype=torch.bool)
-    self_mask[torch.arange(2 * n, device=z1.device), anchor_positions] = True
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    return F.cross_entropy(logits, positive_positions)
+    anchor_positions = torch.cat([own, own + n * processes])
+    log_denominator = contrastive_logsumexp(anchors, keys, temperature,
+                                            excluded_key=anchor_positions, block_size=block_size)
+    dtype = log_denominator.dtype
+    positive = (z1.to(dtype) * z2.to(dtype)).sum(dim=-1) / temperature
+    return (log_denominator - positive.repeat(2)).mean().to(z1.dtype)
 
 
 class NTXentLoss(nn.Module):
     """Module form of :func:`nt_xent`."""
 
-    def __init__(self, temperature: float = 0.5, gather_distributed: bool = False) -> None:
+    def __init__(self, temperature: float = 0.5, gather_distributed: bool = False,
+                 block_size: int | None = None) -> None:
         super().__init__()
         self.temperature = temperature
         self.gather_distributed = gather_distributed
+        self.block_size = block_size
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return nt_xent(z1, z2, self.temperature, self.gather_distributed)
+        return nt_xent(z1, z2, self.temperature, self.gather_distributed, self.block_size)

@@ -13,6 +13,10 @@ multiplies by t / base_temperature with base_temperature = 0.07, which ``base_te
 With ``labels=None`` each sample is its own class, so the positives are its other views and the
 loss is SimCLR's NT-Xent.
 
+Computed per anchor as ``logsumexp_{a in A(i)}(z_i·z_a / t) - mean_{p in P(i)} z_i·z_p / t``: the
+log-sum-exp tile by tile (:mod:`selfsup.losses.blockwise`), the mean from per-class sums of the
+embeddings, so a large batch never holds the whole anchor x contrast matrix.
+
 Anchors without a positive (a class that appears once, with one view): their term is 0/0 in the
 equation, so they are left out of I' and of the mean (the reference instead counts them as 0 in the
 mean, which dilutes the loss by their share). If no anchor has a positive the loss is 0, still
@@ -26,16 +30,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.distributed import gather_no_grad, gather_with_grad, rank, world_size
+from selfsup.losses.blockwise import contrastive_logsumexp
 
 
 def supcon(features: torch.Tensor, labels: torch.Tensor | None = None, temperature: float = 0.1,
-           base_temperature: float | None = None, gather_distributed: bool = False
-           ) -> torch.Tensor:
+           base_temperature: float | None = None, gather_distributed: bool = False,
+           block_size: int | None = None) -> torch.Tensor:
     """SupCon loss of ``features`` shaped (N, n_views, D) with class ``labels`` shaped (N,).
 
     With ``gather_distributed`` the anchors are this process's views and the contrast set (and
     labels, gathered without gradient) comes from every process; the features are gathered with
-    their gradient.
+    their gradient. ``block_size`` sets the tile of the anchor x contrast logits
+    (:func:`selfsup.losses.blockwise.contrastive_logsumexp`): ``None`` chooses, 0 computes them in
+    one piece; the result and its gradient do not depend on it.
     """
     if features.dim() != 3:
         raise ValueError(f"features must be (N, n_views, D), got shape {tuple(features.shape)}")
@@ -53,40 +60,49 @@ def supcon(features: torch.Tensor, labels: torch.Tensor | None = None, temperatu
         contrast_labels = gather_no_grad(labels) if gather_distributed else labels
     # View-major layout, as the reference's torch.cat(torch.unbind(features, dim=1)).
     anchors = features.transpose(0, 1).reshape(views * n, -1)
-    contrast = everyone.transpose(0, 1).reshape(views * n * processes, -1)
-    anchor_labels, contrast_labels = labels.repeat(views), contrast_labels.repeat(views)
+    contrast = (everyone.transpose(0, 1).reshape(views * n * processes, -1) if processes > 1
+                else anchors)
     anchor_positions = (own.unsqueeze(0)
                         + n * processes * torch.arange(views, device=features.device).unsqueeze(1)
                         ).reshape(-1)
+    log_denominator = contrastive_logsumexp(anchors, contrast, temperature,
+                                            excluded_key=anchor_positions, block_size=block_size)
+    dtype = log_denominator.dtype
 
-    logits = anchors @ contrast.transpose(0, 1) / temperature
-    self_mask = torch.zeros_like(logits, dtype=torch.bool)
-    self_mask[torch.arange(views * n, device=features.device), anchor_positions] = True
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positive_mask = (anchor_labels.unsqueeze(1) == contrast_labels.unsqueeze(0)) & ~self_mask
-    positive_count = positive_mask.sum(dim=1)
-    # torch.where, not a product with the mask: log_prob is -inf on the diagonal and 0 * -inf = nan.
-    mean_log_prob_positive = (torch.where(positive_mask, log_prob, 0.0).sum(dim=1)
-                              / positive_count.clamp(min=1))
+    # The positives' logits summed per anchor without the anchor x contrast matrix: the sum of
+    # a_i·k_p over P(i) is a_i·(sum of the keys of i's class) - a_i·(a_i's own key).
+    classes, inverse = torch.unique(torch.cat([contrast_labels, labels]), return_inverse=True)
+    contrast_class = inverse[:contrast_labels.numel()].repeat(views)
+    anchor_class = inverse[contrast_labels.numel():].repeat(views)
+    contrast = contrast.to(dtype)
+    class_sums = contrast.new_zeros(classes.numel(), contrast.shape[1]).index_add(
+        0, contrast_class, contrast)
+    positive_count = torch.bincount(contrast_class, minlength=classes.numel())[anchor_class] - 1
+    anchors = anchors.to(dtype)
+    positive_logit_sum = (anchors * (class_sums[anchor_class] - contrast[anchor_positions])
+                          ).sum(dim=-1) / temperature
+    # -mean over P(i) of log_prob = lse_i - mean over P(i) of the positive logits.
+    loss_per_anchor = log_denominator - positive_logit_sum / positive_count.clamp(min=1)
     has_positive = positive_count > 0
-    loss = (-torch.where(has_positive, mean_log_prob_positive, 0.0).sum()
+    # torch.where, not a product with the mask: lse is -inf for an anchor with nothing to contrast.
+    loss = (torch.where(has_positive, loss_per_anchor, 0.0).sum()
             / has_positive.sum().clamp(min=1))
     if base_temperature is not None:
         loss = loss * (temperature / base_temperature)
-    return loss
+    return loss.to(features.dtype)
 
 
 class SupConLoss(nn.Module):
     """Module form of :func:`supcon`."""
 
     def __init__(self, temperature: float = 0.1, base_temperature: float | None = None,
-                 gather_distributed: bool = False) -> None:
+                 gather_distributed: bool = False, block_size: int | None = None) -> None:
         super().__init__()
         self.temperature = temperature
         self.base_temperature = base_temperature
         self.gather_distributed = gather_distributed
+        self.block_size = block_size
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return supcon(features, labels, self.temperature, self.base_temperature,
-                      self.gather_distributed)
+                      self.gather_distributed, self.block_size)
