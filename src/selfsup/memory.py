@@ -1,4 +1,4 @@
-"""Stores of past embeddings: MoCo's queue of negative keys.
+"""Stores of past embeddings: MoCo's queue of negative keys and InstDisc's memory bank.
 
 Everything is a persistent buffer, so it is in ``state_dict`` and checkpointed (lightly's memory
 bank once was not, and resumed runs silently restarted from an empty bank).
@@ -39,3 +39,37 @@ class Queue(nn.Module):
                      ) % self.size
         self.keys[positions] = new_keys
         self.pointer.copy_((self.pointer + new_keys.shape[0]) % self.size)
+
+
+class MemoryBank(nn.Module):
+    """One L2-normalised vector per training sample, indexed by sample index (Wu et al. 2018,
+    "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", Section 3.2).
+
+    Starts as random unit vectors (uniform on the sphere). ``update`` moves only the rows of the
+    given indices: ``v_i <- normalise(m * v_i + (1 - m) * f_i)`` (m = 0.5 in the InstDisc code;
+    m = 0 replaces the entry, as the paper's text describes). ``features`` is the bank itself, a
+    persistent buffer: it is checkpointed and kNN evaluation can read it.
+    """
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("features", F.normalize(torch.randn(size, dim), dim=1))
+
+    @property
+    def size(self) -> int:
+        return self.features.shape[0]
+
+    def snapshot(self) -> torch.Tensor:
+        """The whole bank, detached and copied: safe to use in a graph before ``update``."""
+        return self.features.detach().clone()
+
+    def read(self, index: torch.Tensor) -> torch.Tensor:
+        """The entries at ``index``, detached copies (safe to use in a graph before ``update``)."""
+        return self.features[index.to(self.features.device)].detach()
+
+    @torch.no_grad()
+    def update(self, index: torch.Tensor, new_features: torch.Tensor, momentum: float) -> None:
+        index = index.to(self.features.device)
+        mixed = momentum * self.features[index] + (1.0 - momentum) * new_features.detach().to(
+            self.features.dtype)
+        self.features[index] = F.normalize(mixed, dim=1)

@@ -23,11 +23,14 @@ from .ops import (
     Pipeline,
     RandomGrayscale,
     RandomResizedCrop,
+    Solarize,
 )
 
 __all__ = ["RECIPES", "ViewGenerator", "build_view_generator", "recipe_names"]
 
-RecipeBuilder = Callable[[int, Sequence[float], Sequence[float]], Pipeline]
+# A recipe builds one pipeline that every view repeats, or (asymmetric views, as BYOL's) one
+# pipeline per view, in view order.
+RecipeBuilder = Callable[[int, Sequence[float], Sequence[float]], Pipeline | Sequence[Pipeline]]
 
 # SimCLR turns the blur off on CIFAR-10 (32 px, appendix B.9) and keeps it on for larger images.
 _MIN_BLUR_SIZE = 96
@@ -123,6 +126,21 @@ def moco_v1(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Pip
     )
 
 
+def supcon(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Pipeline:
+    """SupCon (Khosla et al. 2020, "Supervised Contrastive Learning"), the CIFAR pipeline of the
+    SupContrast reference (HobbitLong/SupContrast, ``main_supcon.py``): crop scale (0.2, 1), flip,
+    jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale p = 0.2, no blur; in that order."""
+    return Pipeline(
+        [
+            RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+            HorizontalFlip(p=0.5),
+            ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
+            RandomGrayscale(p=0.2),
+            Normalize(mean, std),
+        ]
+    )
+
+
 def evaluation(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Pipeline:
     """No randomness: the images, already at ``image_size``, are only normalised."""
     return Pipeline([Normalize(mean, std)])
@@ -132,6 +150,7 @@ RECIPES: dict[str, RecipeBuilder] = {
     "simclr": simclr,
     "moco_v2": moco_v2,
     "moco_v1": moco_v1,
+    "supcon": supcon,
     "eval": evaluation,
 }
 
@@ -161,6 +180,37 @@ def build_view_generator(
         raise ConfigError(f"image_size must be a positive number of pixels, got {image_size}")
     if num_views < 1:
         raise ConfigError(f"num_views must be at least 1, got {num_views}")
-    pipeline = RECIPES[recipe](image_size, mean, std)
-    # The views share one pipeline: the ops hold no random state, the generator does.
-    return ViewGenerator([pipeline] * num_views)
+    built = RECIPES[recipe](image_size, mean, std)
+    if isinstance(built, Pipeline):
+        # The views share one pipeline: the ops hold no random state, the generator does.
+        return ViewGenerator([built] * num_views)
+    # Per-view pipelines (asymmetric recipes): view k uses pipeline k, cycling if more are asked.
+    return ViewGenerator([built[k % len(built)] for k in range(num_views)])
+
+
+def byol(image_size: int, mean: Sequence[float],
+         std: Sequence[float]) -> tuple[Pipeline, Pipeline]:
+    """BYOL (Grill et al. 2020, "Bootstrap Your Own Latent", Appendix B, Table 6): two asymmetric
+    views. Both: crop scale (0.08, 1), flip, jitter (0.4, 0.4, 0.2, 0.1) with p = 0.8, grayscale
+    p = 0.2. Blur (sigma in [0.1, 2], kernel 10% of the side) with p = 1.0 on the first view and
+    0.1 on the second, from 96 px on only (as for SimCLR: at 32 px there is no blur); solarize with
+    p = 0.2 on the second view only (p = 0 on the first, so the op is left out there). Barlow Twins
+    (Zbontar et al. 2021) uses the same pair."""
+
+    def view(blur_p: float, solarize_p: float) -> Pipeline:
+        ops: list[Op] = [
+            RandomResizedCrop(image_size, scale=(0.08, 1.0)),
+            HorizontalFlip(p=0.5),
+            ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
+            RandomGrayscale(p=0.2),
+        ]
+        if image_size >= _MIN_BLUR_SIZE:
+            ops.append(GaussianBlur(_blur_kernel_size(image_size), sigma=(0.1, 2.0), p=blur_p))
+        if solarize_p > 0:
+            ops.append(Solarize(threshold=0.5, p=solarize_p))
+        return Pipeline([*ops, Normalize(mean, std)])
+
+    return view(blur_p=1.0, solarize_p=0.0), view(blur_p=0.1, solarize_p=0.2)
+
+
+RECIPES["byol"] = byol

@@ -1,0 +1,343 @@
+"""The contrastive family's methods: MoCo v1, InstDisc (and its memory bank), InvaSpread (and its
+loss, against a float64 transcription of the paper's equation), SupCon and its cross-entropy
+baseline; their paper defaults and their CIFAR-10 configs."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from selfsup.config import read_yaml, resolve_config
+from selfsup.errors import ConfigError
+from selfsup.losses import InvaSpreadLoss, info_nce, invaspread, memory_bank_softmax, nce, supcon
+from selfsup.memory import MemoryBank
+from selfsup.methods import Batch, MethodContext, build_method, method_hyperparameters
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _tiny_backbone(feature_dim: int = 16) -> nn.Module:
+    # No BatchNorm: a sample's output does not depend on the rest of the batch.
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, feature_dim))
+
+
+def _context(num_samples: int = 64, num_classes: int = 10) -> MethodContext:
+    return MethodContext(feature_dim=16, num_samples=num_samples, num_classes=num_classes,
+                         image_size=8)
+
+
+def _batch(views, labels=None, index=None, seed: int = 0) -> Batch:
+    size = views[0].shape[0]
+    index = torch.arange(size) if index is None else index
+    return Batch(list(views), labels, index, torch.Generator().manual_seed(seed))
+
+
+# ---- InvaSpread loss --------------------------------------------------------------------------
+
+def _unit(v):
+    norm = math.sqrt(sum(float(x) ** 2 for x in v))
+    return [float(x) / norm for x in v]
+
+
+def _dot(u, v):
+    return sum(a * b for a, b in zip(u, v))
+
+
+def paper_invaspread(f, f_hat, t):
+    """Ye et al. 2019, eq. 2, 3 and 5, with both sums, divided by the batch size m:
+    J = -sum_i log P(i|x̂_i) - sum_i sum_{j != i} log(1 - P(i|x_j))."""
+    f = [_unit(v) for v in f]
+    f_hat = [_unit(v) for v in f_hat]
+    m = len(f)
+    total = 0.0
+    for i in range(m):
+        denominator = sum(math.exp(_dot(f[k], f_hat[i]) / t) for k in range(m))
+        total -= math.log(math.exp(_dot(f[i], f_hat[i]) / t) / denominator)
+    for i in range(m):
+        for j in range(m):
+            if j == i:
+                continue
+            denominator = sum(math.exp(_dot(f[k], f[j]) / t) for k in range(m))
+            total -= math.log(1.0 - math.exp(_dot(f[i], f[j]) / t) / denominator)
+    return total / m
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_invaspread_equals_ye_et_al_equation_with_both_sums_in_float64(temperature):
+    generator = torch.Generator().manual_seed(0)
+    f = torch.randn(7, 5, dtype=torch.float64, generator=generator)
+    f_hat = f + 0.3 * torch.randn(7, 5, dtype=torch.float64, generator=generator)
+    expected = paper_invaspread(f.tolist(), f_hat.tolist(), temperature)
+    assert invaspread(f, f_hat, temperature).item() == pytest.approx(expected, rel=1e-10)
+    assert InvaSpreadLoss(temperature)(f, f_hat).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_invaspread_gradient_passes_gradcheck():
+    generator = torch.Generator().manual_seed(1)
+    f = torch.randn(5, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    f_hat = torch.randn(5, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: invaspread(a, b, 0.1), (f, f_hat))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["identical", "zero", "huge"])
+def test_invaspread_value_and_gradient_stay_finite_on_degenerate_embeddings(dtype, case):
+    base = {"identical": torch.ones(6, 8), "zero": torch.zeros(6, 8),
+            "huge": 1e30 * torch.randn(6, 8, generator=torch.Generator().manual_seed(2))}[case]
+    f = base.clone().to(dtype).requires_grad_(True)
+    f_hat = base.clone().to(dtype).requires_grad_(True)
+    loss = invaspread(f, f_hat, 0.1)
+    loss.backward()
+    assert torch.isfinite(loss.float())
+    assert torch.isfinite(f.grad.float()).all() and torch.isfinite(f_hat.grad.float()).all()
+
+
+def test_invaspread_rejects_features_of_different_shapes():
+    with pytest.raises(ValueError, match="must both be"):
+        invaspread(torch.randn(4, 3), torch.randn(5, 3))
+
+
+def test_invaspread_method_uses_a_linear_head_and_the_loss_on_both_normalised_views():
+    torch.manual_seed(0)
+    method = build_method("invaspread", _tiny_backbone(), _context(), {})
+    assert isinstance(method.projector, nn.Linear) and method.projector.out_features == 128
+    assert method.temperature == 0.1 and method.views == "moco_v1"
+    x1, x2 = torch.randn(2, 6, 3, 8, 8)
+    output = method.training_step(_batch([x1, x2]))
+    f = F.normalize(method.projector(method.backbone(x1)), dim=1)
+    f_hat = F.normalize(method.projector(method.backbone(x2)), dim=1)
+    assert output.loss.item() == pytest.approx(invaspread(f, f_hat, 0.1).item(), rel=1e-5)
+    assert output.features.shape == (6, 16) and len(output.embeddings) == 2
+
+
+# ---- MoCo v1 ----------------------------------------------------------------------------------
+
+def test_mocov1_has_a_linear_head_and_the_v1_defaults():
+    assert method_hyperparameters("mocov1") == {"proj_dim": 128, "queue_size": 4096,
+                                                "momentum": 0.999, "temperature": 0.07,
+                                                "bn_splits": 8}
+    moco = build_method("mocov1", _tiny_backbone(), _context(), {})
+    assert isinstance(moco.projector, nn.Linear)
+    assert (moco.projector.in_features, moco.projector.out_features) == (16, 128)
+    assert isinstance(moco.momentum_encoder.module[1], nn.Linear)
+    assert (moco.momentum, moco.temperature, moco.queue.size) == (0.999, 0.07, 4096)
+    assert moco.views == "moco_v1"
+    with pytest.raises(ConfigError, match="proj_hidden_dim"):
+        build_method("mocov1", _tiny_backbone(), _context(), {"proj_hidden_dim": 64})
+
+
+def test_mocov1_step_is_info_nce_of_linear_projections_against_the_queue():
+    torch.manual_seed(3)
+    moco = build_method("mocov1", _tiny_backbone(), _context(), {"queue_size": 8})
+    queue = moco.queue.keys.clone()
+    x_q, x_k = torch.randn(2, 4, 3, 8, 8)
+    output = moco.training_step(_batch([x_q, x_k]))
+    q = moco.projector(moco.backbone(x_q))
+    k = moco.momentum_encoder(x_k)
+    expected = info_nce(q, k, negative_keys=queue, temperature=0.07)
+    assert output.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ---- InstDisc and its memory bank -------------------------------------------------------------
+
+def test_memory_bank_starts_as_unit_vectors_and_updates_only_the_given_rows():
+    bank = MemoryBank(10, 4)
+    assert torch.allclose(bank.features.norm(dim=1), torch.ones(10))
+    before = bank.features.clone()
+    index = torch.tensor([2, 7])
+    new = torch.randn(2, 4)
+    bank.update(index, new, momentum=0.5)
+    expected = F.normalize(0.5 * before[index] + 0.5 * new, dim=1)
+    assert torch.allclose(bank.features[index], expected, atol=1e-6)
+    untouched = torch.ones(10, dtype=torch.bool)
+    untouched[index] = False
+    assert torch.equal(bank.features[untouched], before[untouched])
+
+
+def _instdisc(**arguments):
+    torch.manual_seed(4)
+    values = {"num_noise": 16, **arguments}
+    return build_method("instdisc", _tiny_backbone(), _context(num_samples=32), values)
+
+
+def test_instdisc_bank_update_follows_half_momentum_at_the_batch_indices_only():
+    method = _instdisc()
+    before = method.memory_bank.features.clone()
+    x = torch.randn(4, 3, 8, 8)
+    index = torch.tensor([3, 9, 17, 30])
+    output = method.training_step(_batch([x], index=index))
+    f = F.normalize(method.projector(method.backbone(x)), dim=1).detach()
+    assert torch.allclose(output.embeddings[0], f, atol=1e-6)
+    assert torch.allclose(method.memory_bank.features[index],
+                          F.normalize(0.5 * before[index] + 0.5 * f, dim=1), atol=1e-6)
+    others = torch.ones(32, dtype=torch.bool)
+    others[index] = False
+    assert torch.equal(method.memory_bank.features[others], before[others])
+
+
+def test_instdisc_nce_loss_is_the_papers_with_z_estimated_once_from_the_first_noise():
+    method = _instdisc(proximal_weight=0.0)
+    assert method.normalizer.item() == 0.0
+    n, m, t = 32, 16, 0.07
+    normalizer = None
+    for step in range(2):
+        x = torch.randn(4, 3, 8, 8)
+        index = torch.arange(4) + 4 * step
+        bank = method.memory_bank.features.clone()
+        output = method.training_step(_batch([x], index=index, seed=step))
+        # The noise indices: M uniform draws from the step's generator.
+        noise = torch.randint(n, (m,), generator=torch.Generator().manual_seed(step))
+        f = F.normalize(method.projector(method.backbone(x)), dim=1)
+        logits = torch.cat([(f * bank[index]).sum(1, keepdim=True), f @ bank[noise].T], 1) / t
+        if normalizer is None:  # Wu et al.: Z ~ n/m sum_j exp(v_j·f/t), on the first batch only
+            normalizer = (logits[:, 1:].exp().mean() * n).item()
+        assert method.normalizer.item() == pytest.approx(normalizer, rel=1e-6)
+        expected = nce(logits.exp() / normalizer, 1.0 / n, m)
+        assert output.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_instdisc_noise_is_drawn_reproducibly_from_the_batch_generator():
+    x = torch.randn(4, 3, 8, 8)
+    losses = []
+    for seed in (0, 0, 1):
+        method = _instdisc()
+        losses.append(method.training_step(_batch([x], seed=seed)).loss.item())
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]
+
+
+def test_instdisc_proximal_term_is_lambda_times_the_squared_distance_to_the_memory():
+    x = torch.randn(4, 3, 8, 8)
+    without = _instdisc(proximal_weight=0.0)
+    bank = without.memory_bank.features.clone()
+    base = without.training_step(_batch([x])).loss
+    with_term = _instdisc(proximal_weight=30.0)
+    output = with_term.training_step(_batch([x]))
+    f = output.embeddings[0]
+    proximal = (f - bank[:4]).pow(2).sum(1).mean()
+    assert output.loss.item() == pytest.approx((base + 30.0 * proximal).item(), rel=1e-5)
+    assert output.logs["proximal"].item() == pytest.approx(proximal.item(), rel=1e-6)
+
+
+def test_instdisc_softmax_objective_is_the_non_parametric_softmax_over_the_whole_bank():
+    method = _instdisc(objective="softmax", proximal_weight=0.0)
+    bank = method.memory_bank.features.clone()
+    x = torch.randn(4, 3, 8, 8)
+    index = torch.tensor([5, 6, 7, 8])
+    output = method.training_step(_batch([x], index=index))
+    f = F.normalize(method.projector(method.backbone(x)), dim=1)
+    expected = memory_bank_softmax(f @ bank.T, index, 0.07)
+    assert output.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_instdisc_bank_and_z_are_in_state_dict_and_restore_exactly():
+    method = _instdisc()
+    method.training_step(_batch([torch.randn(4, 3, 8, 8)]))
+    state = method.state_dict()
+    assert "memory_bank.features" in state and "normalizer" in state
+    assert state["memory_bank.features"].shape == (32, 128) and state["normalizer"].item() > 0
+    restored = _instdisc()
+    restored.load_state_dict(state)
+    assert torch.equal(restored.memory_bank.features, method.memory_bank.features)
+    assert restored.normalizer.item() == method.normalizer.item()
+
+
+def test_instdisc_defaults_are_the_papers_and_knn_reads_the_bank():
+    assert method_hyperparameters("instdisc") == {
+        "objective": "nce", "proj_dim": 128, "num_noise": 4096, "temperature": 0.07,
+        "bank_momentum": 0.5, "proximal_weight": 30.0}
+    method = build_method("instdisc", _tiny_backbone(), _context(num_samples=50), {})
+    assert method.num_views == 1 and isinstance(method.projector, nn.Linear)
+    features, labels = method.knn_bank()
+    assert features is method.memory_bank.features and features.shape == (50, 128)
+    assert labels is None
+
+
+# ---- SupCon and the cross-entropy baseline ----------------------------------------------------
+
+def _supcon_step(labels, views=2, seed=5):
+    torch.manual_seed(seed)
+    method = build_method("supcon", _tiny_backbone(), _context(), {"num_views": views})
+    x = torch.randn(views, 6, 3, 8, 8)
+    output = method.training_step(_batch(list(x), labels=labels, index=torch.arange(10, 16)))
+    z = torch.stack([F.normalize(method.projector(method.backbone(v)), dim=1) for v in x], dim=1)
+    return output, z
+
+
+def test_supcon_treats_two_samples_of_one_class_as_positives():
+    labels = torch.tensor([0, 0, 1, 2, 3, 4])  # samples 0 and 1 share a class
+    output, z = _supcon_step(labels)
+    assert output.loss.item() == pytest.approx(supcon(z, labels, 0.1).item(), rel=1e-5)
+    # The labels are used: without them sample 1 is a negative of sample 0, and the loss differs.
+    assert abs(output.loss.item() - supcon(z, None, 0.1).item()) > 1e-4
+
+
+def test_supcon_unlabelled_samples_have_only_their_own_views_as_positives():
+    labels = torch.tensor([0, -1, 0, -1, 1, 1])
+    output, z = _supcon_step(labels)
+    own_class = torch.tensor([0, 100, 0, 101, 1, 1])
+    assert output.loss.item() == pytest.approx(supcon(z, own_class, 0.1).item(), rel=1e-5)
+    unlabelled, _ = _supcon_step(torch.full((6,), -1))
+    assert unlabelled.loss.item() == pytest.approx(supcon(z, None, 0.1).item(), rel=1e-5)
+
+
+def test_supcon_trains_on_as_many_views_as_asked():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    output, z = _supcon_step(labels, views=3)
+    assert z.shape[1] == 3 and len(output.embeddings) == 3
+    assert output.loss.item() == pytest.approx(supcon(z, labels, 0.1).item(), rel=1e-5)
+
+
+def test_supcon_defaults_follow_the_supcontrast_reference():
+    method = build_method("supcon", _tiny_backbone(), _context(), {})
+    assert (method.num_views, method.temperature, method.base_temperature) == (2, 0.1, None)
+    linear = [m for m in method.projector if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [(16, 16), (16, 128)]
+    assert method.views == "supcon"
+
+
+def test_supervised_loss_is_cross_entropy_of_a_linear_classifier_on_labelled_samples():
+    torch.manual_seed(6)
+    method = build_method("supervised", _tiny_backbone(), _context(), {})
+    assert method.num_views == 1 and isinstance(method.classifier, nn.Linear)
+    x = torch.randn(6, 3, 8, 8)
+    labels = torch.tensor([3, -1, 0, 9, -1, 3])
+    output = method.training_step(_batch([x], labels=labels))
+    logits = method.classifier(method.backbone(x))
+    labelled = labels >= 0
+    expected = F.cross_entropy(logits[labelled], labels[labelled])
+    assert output.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    nothing = method.training_step(_batch([x], labels=torch.full((6,), -1)))
+    nothing.loss.backward()
+    assert nothing.loss.item() == 0.0
+
+
+def test_supervised_needs_labelled_data():
+    with pytest.raises(ConfigError, match="labelled"):
+        build_method("supervised", _tiny_backbone(), _context(num_classes=0), {})
+
+
+# ---- recipes and configs ----------------------------------------------------------------------
+
+def test_supcon_recipe_is_the_supcontrast_cifar_pipeline():
+    from selfsup.augment import build_view_generator
+    from selfsup.augment.ops import (ColorJitter, HorizontalFlip, Normalize, RandomGrayscale,
+                                     RandomResizedCrop)
+
+    ops = build_view_generator("supcon", 32, (0.5,) * 3, (0.5,) * 3).pipelines[0].ops
+    assert [type(op) for op in ops] == [RandomResizedCrop, HorizontalFlip, ColorJitter,
+                                        RandomGrayscale, Normalize]
+    assert ops[0] == RandomResizedCrop(32, scale=(0.2, 1.0))
+    assert ops[2] == ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8)
+
+
+@pytest.mark.parametrize("method", ["mocov1", "supcon", "supervised", "invaspread", "instdisc"])
+def test_cifar10_config_resolves_to_the_method(method):
+    path = CONFIGS / f"{method}_cifar10.yaml"
+    config = resolve_config(read_yaml(path), origin=str(path))
+    assert config.method == method
+    assert config.backbone.cifar_stem is True
