@@ -287,11 +287,10 @@ class RandomResizedCrop(Op[CropParams]):
         return src + start.to(dtype)[:, None]
 
 
-@dataclass
-class HorizontalFlip(Op[MaskParams]):
-    """Mirror each image left-right with probability ``p``."""
+class _PerSampleCoin(Op[MaskParams]):
+    """An op applied to each sample with probability ``p`` (a field of the subclass)."""
 
-    p: float = 0.5
+    p: float
 
     def __post_init__(self) -> None:
         _check_probability(self.p)
@@ -305,6 +304,13 @@ class HorizontalFlip(Op[MaskParams]):
         device: torch.device | str | None,
     ) -> MaskParams:
         return MaskParams(apply=_bernoulli(batch_size, self.p, generator, device))
+
+
+@dataclass
+class HorizontalFlip(_PerSampleCoin):
+    """Mirror each image left-right with probability ``p``."""
+
+    p: float = 0.5
 
     def apply(self, images: Tensor, params: MaskParams) -> Tensor:
         return torch.where(_per_sample(params.apply), images.flip(-1), images)
@@ -476,23 +482,10 @@ class ColorJitter(Op[ColorJitterParams]):
 
 
 @dataclass
-class RandomGrayscale(Op[MaskParams]):
+class RandomGrayscale(_PerSampleCoin):
     """Replace an image by its luma on all three channels with probability ``p`` (SimCLR: 0.2)."""
 
     p: float = 0.2
-
-    def __post_init__(self) -> None:
-        _check_probability(self.p)
-
-    def sample_params(
-        self,
-        batch_size: int,
-        height: int,
-        width: int,
-        generator: torch.Generator | None,
-        device: torch.device | str | None,
-    ) -> MaskParams:
-        return MaskParams(apply=_bernoulli(batch_size, self.p, generator, device))
 
     def apply(self, images: Tensor, params: MaskParams) -> Tensor:
         _check_rgb(images, "RandomGrayscale")
@@ -554,7 +547,7 @@ class GaussianBlur(Op[GaussianBlurParams]):
 
 
 @dataclass
-class Solarize(Op[MaskParams]):
+class Solarize(_PerSampleCoin):
     """Invert the pixels at or above ``threshold`` with probability ``p``.
 
     BYOL (Grill et al. 2020, "Bootstrap your own latent") solarizes the second view with p = 0.2.
@@ -562,19 +555,6 @@ class Solarize(Op[MaskParams]):
 
     threshold: float = 0.5
     p: float = 0.2
-
-    def __post_init__(self) -> None:
-        _check_probability(self.p)
-
-    def sample_params(
-        self,
-        batch_size: int,
-        height: int,
-        width: int,
-        generator: torch.Generator | None,
-        device: torch.device | str | None,
-    ) -> MaskParams:
-        return MaskParams(apply=_bernoulli(batch_size, self.p, generator, device))
 
     def apply(self, images: Tensor, params: MaskParams) -> Tensor:
         invert = _per_sample(params.apply) & (images >= self.threshold)
