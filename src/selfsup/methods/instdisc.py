@@ -27,14 +27,16 @@ class InstDisc(Method):
       uniformly from the bank (Pn = 1/n) with the step's shared generator. One draw of M indices
       per step is shared by the batch (the authors' code draws M per sample; the expectation is
       the same and the scores are one (B, M) product instead of a (B, M, D) gather). Z is
-      estimated once, by Monte Carlo over the first batch's noise scores (Z = n · mean exp(v_j·f / t)),
-      then fixed; it is a persistent buffer, so a resumed run keeps it.
+      estimated once, by Monte Carlo over the first batch's noise scores,
+      Z = n · mean_j exp(v_j·f / t), then fixed: a persistent buffer, so a resumed run keeps it.
     - ``objective="softmax"``: the full non-parametric softmax over the whole bank (eq. 2-3).
 
-    Either way the proximal term of Section 3.3, lambda · ||f_i - v_i||^2 (the sample's feature now
-    against its entry from the previous visit), is added to the loss; the paper's Figure 3 compares
-    lambda in {0, 10, 30, 50}; we default to 30. After the loss is computed, the batch's entries
-    are updated, v_i <- normalise(0.5 v_i + 0.5 f_i) (bank momentum 0.5 of the authors' code).
+    Either way the proximal term of Section 3.3 is added: lambda · ||f_i - v_i||^2, the sample's
+    feature now against its entry from the previous visit (v_i^(t) - v_i^(t-1) in the paper's
+    notation). The paper studies several lambda (Figure 3); the default here is 30. Its authors'
+    code has no proximal term (lambda = 0) and relies on the bank momentum alone. After
+    the loss is computed, the batch's entries are updated, v_i <- normalise(0.5 v_i + 0.5 f_i)
+    (bank momentum 0.5 of the authors' code), with the features of every process.
     Defaults: t = 0.07, M = 4096, 128-d, one view per sample.
 
     ``knn_bank()`` returns the bank as kNN evaluation's reference features ``(features, None)``:
@@ -86,8 +88,8 @@ class InstDisc(Method):
         # After the bank was read: this step's entries become next visit's v_i^(t-1).
         self.memory_bank.update(gather_no_grad(batch.index.to(embedding.device)),
                                 gather_no_grad(embedding.detach()), self.bank_momentum)
-        return StepOutput(total, logs={self.objective: loss.detach(), "proximal": proximal.detach()},
-                          features=features, embeddings=[embedding])
+        logs = {self.objective: loss.detach(), "proximal": proximal.detach()}
+        return StepOutput(total, logs=logs, features=features, embeddings=[embedding])
 
     def _nce_loss(self, embedding: torch.Tensor, positive: torch.Tensor,
                   generator: torch.Generator) -> torch.Tensor:

@@ -34,7 +34,7 @@ class SupCon(Method):
     views = "supcon"
     # The reference's CIFAR setting (SupContrast README): SGD, lr 0.5 at batch 1024 (0.125 per
     # 256 images, linear scaling), momentum 0.9, weight decay 1e-4, cosine, 10 warm-up epochs
-    # (the reference warms up whenever the batch exceeds 256). The paper used LARS at ImageNet scale.
+    # (the reference warms up whenever the batch exceeds 256). The paper used LARS on ImageNet.
     default_optimizer = {"name": "sgd", "lr": 0.125, "lr_scaling": "linear", "weight_decay": 1e-4,
                          "momentum": 0.9, "warmup_epochs": 10}
 
