@@ -428,15 +428,6 @@ def test_folder_decodes_every_mode_and_format_to_rgb_uint8_at_image_size(image_f
             assert label in (0, 1) and index == i
 
 
-def test_folder_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
-    root = tmp_path / "deep"
-    values = np.full((20, 20), 32768, dtype=np.uint16)  # mid grey in 16 bits
-    for name in ("a", "b"):
-        _save(root / "x" / f"{name}.png", Image.fromarray(values))
-    image = load_data(f"folder:{root}", image_size=8, val_fraction=0.0).train[0][0]
-    assert int(image.min()) == int(image.max()) == 128
-
-
 def test_folder_resizes_the_shorter_side_and_keeps_the_center(tmp_path):
     strip = np.zeros((20, 60, 3), dtype=np.uint8)
     strip[:, :20] = (255, 0, 0)
@@ -448,29 +439,6 @@ def test_folder_resizes_the_shorter_side_and_keeps_the_center(tmp_path):
     image = load_data(f"folder:{root}", image_size=16, val_fraction=0.0).train[0][0]
     assert image.shape == (3, 16, 16)
     assert torch.equal(image[:, :, 2:-2], torch.tensor([0, 255, 0], dtype=torch.uint8)[:, None, None].expand(3, 16, 12))
-
-
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_folder_corrupt_image_is_a_data_error_naming_the_file(image_folder, damage):
-    bad = image_folder / "cat" / "broken.png"
-    if damage == "garbage":
-        bad.write_bytes(b"this is not a png")
-    else:
-        buffer = io.BytesIO()
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
-        bad.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    splits = load_data(f"folder:{image_folder}", image_size=16, val_fraction=0.0)
-    with pytest.raises(DataError, match="broken.png"):
-        for dataset in (splits.train, splits.test):
-            for i in range(len(dataset)):
-                dataset[i]
-
-
-def test_folder_empty_class_folder_is_a_data_error_naming_it(image_folder):
-    (image_folder / "zebra").mkdir()
-    (image_folder / "zebra" / "readme.txt").write_text("no images here")
-    with pytest.raises(DataError, match="zebra"):
-        load_data(f"folder:{image_folder}")
 
 
 def test_folder_decompression_bomb_is_a_data_error_naming_the_file(image_folder, monkeypatch):

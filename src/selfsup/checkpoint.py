@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -106,16 +107,95 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(path, map_location or "cpu")
 
 
-def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
-    """``auto`` -> the last checkpoint in ``checkpoint_dir`` if any; a path -> that path."""
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check that ``path`` is a whole, uncorrupted training checkpoint; return it memory-mapped.
+
+    ``torch.save`` writes a zip archive with a CRC-32 per record; every record is read back and
+    checked, so a truncated file (no central directory) or flipped bits (a CRC mismatch) are
+    caught here, not as garbage weights later. Raises :class:`CheckpointError` saying what is wrong.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise CheckpointError(f"{path}: torn or corrupt checkpoint ({error})") from None
+    except Exception as error:  # zlib and struct errors on a mangled archive
+        raise CheckpointError(f"{path}: torn or corrupt checkpoint "
+                              f"({type(error).__name__}: {error})") from None
+    if damaged is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint (CRC-32 mismatch in record {damaged})")
+    checkpoint = load_checkpoint_file(path, mmap=True)
+    missing = [key for key in ("state_dict", "global_step", "hyper_parameters")
+               if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path}: not a selfsup training checkpoint "
+                              f"(missing {', '.join(missing)})")
+    return checkpoint
+
+
+def _step_of(path: Path) -> int:
+    digits = path.stem[len("step"):]
+    return int(digits) if digits.isdigit() else -1
+
+
+def resume_candidates(checkpoint_dir: Path) -> list[Path]:
+    """``last.ckpt``, then the step checkpoints newest first: the order ``--resume auto`` tries."""
+    steps = sorted(checkpoint_dir.glob("step*.ckpt"), key=_step_of, reverse=True)
+    last = checkpoint_dir / "last.ckpt"
+    return ([last] if last.is_file() else []) + [p for p in steps if _step_of(p) >= 0]
+
+
+# What must match for a checkpoint to continue this run: the weights' shapes and meaning.
+_IDENTITY_KEYS = ("method", "method_args", "backbone")
+
+
+def check_same_model(checkpoint: dict[str, Any], path: Path, config: dict[str, Any]) -> None:
+    """Refuse a checkpoint made for another method, method arguments or backbone."""
+    saved = checkpoint["hyper_parameters"].get("config", {})
+    for key in _IDENTITY_KEYS:
+        if saved.get(key) != config.get(key):
+            raise CheckpointError(
+                f"{path}: made by a run with {key} = {saved.get(key)!r}, but this run has "
+                f"{key} = {config.get(key)!r}; resume with the config that made it, or train "
+                "into a new --out folder")
+
+
+def resolve_resume(resume: str | None, checkpoint_dir: Path, config: dict[str, Any],
+                   warn: Callable[[str], None] = print) -> str | None:
+    """The checkpoint to resume from, verified (see :func:`verify_checkpoint`), or None.
+
+    ``auto``: the newest good checkpoint in ``checkpoint_dir`` (None when there is none yet); a
+    damaged one is skipped with a message through ``warn`` naming it and the one used instead.
+    A path: that file, which must be good. Either way a checkpoint of another method or backbone
+    (``config`` is this run's config as a dict) is refused.
+    """
     if resume is None:
         return None
-    if resume == "auto":
-        last = checkpoint_dir / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(resume).is_file():
-        raise CheckpointError(f"--resume {resume}: checkpoint file not found")
-    return resume
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"--resume {resume}: checkpoint file not found")
+        check_same_model(verify_checkpoint(path), path, config)
+        return resume
+    damaged: list[str] = []
+    for path in resume_candidates(checkpoint_dir):
+        try:
+            checkpoint = verify_checkpoint(path)
+        except CheckpointError as error:
+            damaged.append(str(error))
+            continue
+        check_same_model(checkpoint, path, config)
+        if damaged:
+            warn(f"selfsup: skipped damaged checkpoint(s): {'; '.join(damaged)}. "
+                 f"Resuming from {path} (step {checkpoint['global_step']}).")
+        return str(path)
+    if damaged:
+        raise CheckpointError(f"--resume auto: no usable checkpoint in {checkpoint_dir}: "
+                              + "; ".join(damaged))
+    return None
 
 
 def method_from_checkpoint(path: str | Path):

@@ -1,7 +1,8 @@
-"""The ``selfsup`` command: train, eval, embed, export, methods.
+"""The ``selfsup`` command: train, eval, embed, export, methods, check-data.
 
 Errors raised on purpose (``SelfSupError``) are printed as one line naming the file, key or value
 at fault, with exit status 2; ``--json`` makes the last line of stdout one JSON object.
+``check-data`` exits with status 1 when it found problems.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ _TRAIN_FLAGS: dict[str, str] = {
     "accelerator": "train.accelerator", "checkpoint_every": "train.checkpoint_every",
     "resume": "train.resume", "out": "train.out", "num_workers": "data.num_workers",
     "lr": "optim.lr", "optimizer": "optim.name", "overwrite": "train.overwrite",
+    "skip_bad": "data.skip_bad",
 }
+_SKIP_BAD_HELP = ("leave out (and count) undecodable images, empty class folders and bad rows of "
+                  "a list file, instead of stopping at the first")
+_SKIPPED_EXAMPLES = 5
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help="cifar10-sample | cifar10:DIR | folder:DIR")
+    parser.add_argument("--data", help="cifar10-sample | cifar10:DIR | folder:DIR | csv:FILE")
     parser.add_argument("--image-size", type=int, help="resize + center crop (folder data)")
     parser.add_argument("--download", action="store_true",
                         help="download CIFAR-10 into DIR if missing (MD5-checked)")
@@ -70,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", default=None,
                        help="replace an earlier run's results, checkpoints and logs in OUT")
     train.add_argument("--no-eval", action="store_true", help="skip kNN/linear after training")
+    train.add_argument("--skip-bad", action="store_true", default=None, help=_SKIP_BAD_HELP)
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="set any config key, e.g. --set method_args.temperature=0.2")
     train.add_argument("--json", action="store_true", help="print results as one JSON line")
@@ -97,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = commands.add_parser("methods", help="list methods and their default settings")
     methods.add_argument("--json", action="store_true")
+
+    check = commands.add_parser("check-data", help="decode every image of a dataset up front "
+                                "and list the problems (exit status 1 if any)")
+    check.add_argument("data", metavar="SPEC_OR_DIR",
+                       help="cifar10-sample | cifar10:DIR | folder:DIR | csv:FILE | DIR")
+    check.add_argument("--image-size", type=int, help="resize + center crop (folder data)")
+    check.add_argument("--num-workers", type=int, help="decoding worker processes")
+    check.add_argument("--skip-bad", action="store_true",
+                       help="list empty class folders and bad or missing list rows with the "
+                       "other problems, as train --skip-bad would skip them, instead of stopping")
+    check.add_argument("--json", action="store_true")
     return parser
 
 
@@ -200,7 +217,38 @@ def _command_methods(args: argparse.Namespace) -> dict[str, Any]:
     return {"methods": table}
 
 
+def _command_check_data(args: argparse.Namespace) -> dict[str, Any]:
+    from selfsup.config import DataConfig
+    from selfsup.data.check import check_data
+
+    workers = args.num_workers if args.num_workers is not None else DataConfig().num_workers
+    report = check_data(args.data, image_size=args.image_size, skip_bad=args.skip_bad,
+                        num_workers=workers)
+    if not args.json:
+        classes = report["classes"]
+        print(f"{report['data']}: " + (f"{len(classes)} classes ({', '.join(classes)})"
+                                       if classes else "unlabeled"))
+        for name, split in report["splits"].items():
+            print(f"  {name:9s} {split['images']:8d} images checked, {split['bad']} bad")
+        print(f"{len(report['problems'])} problems found" + (":" if report["problems"] else ""))
+        for problem in report["problems"]:
+            print(f"  {problem}")
+    return report
+
+
+def _print_skipped(results: dict[str, Any]) -> None:
+    if "skipped_samples" not in results:
+        return
+    print(f"skipped {results['skipped_samples']} bad samples (data.skip_bad)"
+          + (":" if results["skipped_samples"] else ""))
+    for problem in results["skipped_examples"][:_SKIPPED_EXAMPLES]:
+        print(f"  {problem}")
+    if results["skipped_samples"] > _SKIPPED_EXAMPLES:
+        print(f"  ... and {results['skipped_samples'] - _SKIPPED_EXAMPLES} more")
+
+
 def _print_results(results: dict[str, Any]) -> None:
+    _print_skipped(results)
     keys = [k for k in results if k.endswith("top1") and not k.endswith("_random_init")]
     if not keys:
         return
@@ -224,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         handler = {"train": _command_train, "eval": _command_eval, "embed": _command_embed,
-                   "export": _command_export, "methods": _command_methods}[args.command]
+                   "export": _command_export, "methods": _command_methods,
+                   "check-data": _command_check_data}[args.command]
         results = handler(args)
     except SelfSupError as error:
         print(f"selfsup: error: {error}", file=sys.stderr)
@@ -235,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     if results and os.environ.get("LOCAL_RANK", "0") == "0":
         if getattr(args, "json", False) or args.command == "embed":
             print(json.dumps(results))
-        elif args.command != "methods":
+        elif args.command not in ("methods", "check-data"):
             _print_results(results)
-    return 0
+    return 1 if args.command == "check-data" and results["problems"] else 0
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     num_workers: NonNegativeInt = 2
     download: bool = False
+    # Leave out (and count) images that cannot be decoded, empty class folders and bad rows of a
+    # list file, instead of stopping at the first one.
+    skip_bad: bool = False
 
 
 class BackboneConfig(_Section):
@@ -69,6 +72,11 @@ class TrainConfig(_Section):
     overwrite: bool = False
     log_every: PositiveInt = 10
     channels_last: bool = False
+    # Steps whose loss is NaN or inf that may be skipped (no update; buffers such as queues and
+    # BN statistics restored) before the run stops; 0 stops at the first one.
+    max_nonfinite_skips: NonNegativeInt = 0
+    # Batch statistics over all processes (selfsup.distributed.GlobalBatchNorm; any backend).
+    sync_batchnorm: bool = False
     progress_bar: bool = True
 
 

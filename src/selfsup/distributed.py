@@ -122,3 +122,61 @@ def convert_to_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
         else:
             convert_to_split_batchnorm(child, num_splits)
     return module
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are computed over the batch of every process (SyncBN).
+
+    torch's ``SyncBatchNorm`` runs on GPUs only; this one reduces the per-channel sums with the
+    differentiable ``all_reduce`` of any backend (gloo included), so the same run is correct on
+    CPU processes and its equivalence to one process is tested in CI (tests/test_ddp.py). The mean
+    and variance are reduced in two passes (mean first, then squared deviations), in float32.
+    Outside training, or in one process, it is plain BatchNorm. Works for 1-D to 3-D inputs.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        values = x.float()
+        count = torch.tensor(float(values.numel() // values.shape[1]), device=x.device)
+        dist.all_reduce(count)
+        mean = all_reduce(values.sum(dims)) / count
+        centred = values - mean.view(shape)
+        variance = all_reduce(centred.square().sum(dims)) / count
+        out = centred * torch.rsqrt(variance + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                          else self.momentum)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                unbiased = variance * (count / (count - 1).clamp(min=1))
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        return out.to(x.dtype)
+
+
+def convert_to_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every plain BatchNorm (1-D, 2-D, 3-D) in ``module`` by a :class:`GlobalBatchNorm`
+    with the same state. ``SplitBatchNorm2d`` (MoCo's single-device shuffle-BN) is kept."""
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    for name, child in module.named_children():
+        if isinstance(child, plain) and not isinstance(child, SplitBatchNorm2d):
+            synced = GlobalBatchNorm(child.num_features, eps=child.eps, momentum=child.momentum,
+                                     affine=child.affine,
+                                     track_running_stats=child.track_running_stats)
+            synced.load_state_dict(child.state_dict())
+            setattr(module, name, synced.to(next(child.buffers(), torch.empty(0)).device))
+        else:
+            convert_to_global_batchnorm(child)
+    return module

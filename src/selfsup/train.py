@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,15 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from selfsup.augment import build_view_generator
 from selfsup.backbones import build_backbone
 from selfsup.checkpoint import AtomicCheckpointIO, load_checkpoint_file, resolve_resume
 from selfsup.config import Config
-from selfsup.data import DataInfo, DataSplits, build_loader, load_data
+from selfsup.data import DataInfo, DataSplits, SkipLog, build_loader, load_data
+from selfsup.distributed import convert_to_global_batchnorm, gather_no_grad
 from selfsup.errors import SelfSupError
 from selfsup.evaluate.knn import knn_top1
 from selfsup.evaluate.metrics import collapse_metrics
@@ -105,6 +108,8 @@ class SelfSupervisedModule(L.LightningModule):
         self.data_info = data_info
         self.steps_per_epoch = max(steps_per_epoch, 1)
         self.method = build_pretraining_method(self.config, data_info)
+        if self.config.train.sync_batchnorm:
+            convert_to_global_batchnorm(self.method)
         size, mean, std = data_info["image_size"], data_info["mean"], data_info["std"]
         self.view_generator = build_view_generator(self.method.views, size, mean, std,
                                                    num_views=self.method.num_views)
@@ -114,6 +119,8 @@ class SelfSupervisedModule(L.LightningModule):
             self.probe = nn.Linear(self.method.context.feature_dim, data_info["num_classes"])
         self.probe_optimizer: torch.optim.Optimizer | None = None
         self._monitor_outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.register_buffer("nonfinite_skips", torch.zeros((), dtype=torch.long))
+        self._skip_update = False
 
     # -- optimisation ---------------------------------------------------------------------------
     def total_steps(self) -> int:
@@ -154,19 +161,42 @@ class SelfSupervisedModule(L.LightningModule):
         generator.manual_seed(_stream_seed(self.config.train.seed, self.global_step, stream))
         return generator
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int
+                      ) -> torch.Tensor | None:
         images, labels, index = batch
         # Augmentation differs per process (stream 1 + rank); method randomness is shared (0).
         views = self.view_generator(images, self._generator(1 + self.global_rank))
         if self.config.train.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        output = self.method.training_step(Batch(views, labels, index, self._generator(0)))
+        may_skip = self.config.train.max_nonfinite_skips > 0
+        # A skipped step must leave no trace: queues, banks, centres and BN statistics are all
+        # buffers, and the step may already have written to them.
+        saved_buffers = ({name: b.clone() for name, b in self.method.named_buffers()}
+                         if may_skip else {})
+        output = self.method.training_step(Batch(views, labels, index, self._generator(0),
+                                                 self.epoch_progress()))
         loss = output.loss
-        if not torch.isfinite(loss.detach()):
+        # Every process must take the same decision, or DDP's gradient reduction would hang.
+        finite = bool(gather_no_grad(torch.isfinite(loss.detach()).reshape(1)).all())
+        if not finite:
             parts = {k: float(v) for k, v in output.logs.items()}
+            where = (f"non-finite loss {loss.item()} at step {self.global_step} (parts: {parts})")
+            if int(self.nonfinite_skips) < self.config.train.max_nonfinite_skips:
+                with torch.no_grad():
+                    for name, buffer in self.method.named_buffers():
+                        buffer.copy_(saved_buffers[name])
+                self.nonfinite_skips += 1
+                self._skip_update = True
+                rank_zero_warn(f"selfsup: {where}: step skipped ({int(self.nonfinite_skips)} of "
+                               f"at most {self.config.train.max_nonfinite_skips})")
+                # Not None: under DDP every process must still run a backward that reaches
+                # every parameter. Its zero gradients are then dropped before the update.
+                return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            skipped = (f" after skipping {int(self.nonfinite_skips)} such steps"
+                       if may_skip else "")
             raise NonFiniteLossError(
-                f"non-finite loss {loss.item()} at step {self.global_step} (parts: {parts}); "
-                f"the last good checkpoint is in {Path(self.config.train.out) / 'checkpoints'}")
+                f"{where}{skipped}; the last good checkpoint is in "
+                f"{Path(self.config.train.out) / 'checkpoints'}")
         logs = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in output.logs.items()}}
         if output.embeddings and self.global_step % self.config.train.log_every == 0:
             logs.update({f"train/{k}": v for k, v in collapse_metrics(output.embeddings).items()})
@@ -184,8 +214,27 @@ class SelfSupervisedModule(L.LightningModule):
         self.log("loss", output.loss.detach(), prog_bar=True, on_step=True, logger=False)
         return loss
 
+    def epoch_progress(self) -> float:
+        """The current step counted in epochs (``Batch.epoch``)."""
+        return self.global_step / self.steps_per_epoch
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_update:
+            # No gradient, no update: SGD, LARS and AdamW leave such parameters, and their
+            # momentum and weight decay, untouched.
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad = None
+            return
+        self.method.on_before_optimizer_step(self.epoch_progress())
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        if self._skip_update:  # a skipped non-finite step: no probe or momentum update either
+            self._skip_update = False
+            if self.probe_optimizer is not None:
+                self.probe_optimizer.zero_grad(set_to_none=True)
+            return
         # Here, not in on_train_batch_end: checkpoint callbacks run before that hook, and a
         # mid-epoch checkpoint must hold the momentum encoder and probe of the same step.
         if self.probe_optimizer is not None:
@@ -241,7 +290,7 @@ class SelfSupervisedModule(L.LightningModule):
             self.probe_optimizer.load_state_dict(state)
 
 
-def _monitor_loaders(splits: DataSplits, config: Config) -> list[Any]:
+def _monitor_loaders(splits: DataSplits, config: Config, skips: SkipLog | None) -> list[Any]:
     from torch.utils.data import Subset
 
     bank = splits.train
@@ -249,7 +298,7 @@ def _monitor_loaders(splits: DataSplits, config: Config) -> list[Any]:
         chosen = torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))
         bank = Subset(bank, chosen[: config.eval.monitor_bank_size].tolist())
     return [build_loader(d, config.eval.batch_size, shuffle=False, drop_last=False,
-                         num_workers=0) for d in (bank, splits.val)]
+                         num_workers=0, skips=skips) for d in (bank, splits.val)]
 
 
 def plot_loss_curve(metrics_csvs: list[Path], out_png: Path) -> Path | None:
@@ -306,12 +355,15 @@ def train(config: Config) -> dict[str, Any]:
     # -- end of guard -----------------------------------------------------------------------------
     out = Path(config.train.out)
     checkpoint_dir = out / "checkpoints"
+    # data.skip_bad: every bad sample met (scanning, training, monitoring, evaluating) goes here.
+    skips = SkipLog() if config.data.skip_bad else None
     splits = load_data(config.data.source, image_size=config.data.image_size,
                        val_fraction=config.data.val_fraction, seed=config.train.seed,
-                       download=config.data.download)
+                       download=config.data.download, skips=skips)
     info = data_info_dict(splits.info)
     loader = build_loader(splits.train, config.train.batch_size, shuffle=True, drop_last=True,
-                          num_workers=config.data.num_workers, seed=config.train.seed)
+                          num_workers=config.data.num_workers, seed=config.train.seed,
+                          skips=skips)
     world = config.train.devices * config.train.num_nodes
     # What each process's ResumableSampler yields: its share, in whole batches.
     steps_per_epoch = max(len(splits.train) // world // config.train.batch_size, 1)
@@ -341,14 +393,17 @@ def train(config: Config) -> dict[str, Any]:
         enable_model_summary=False, default_root_dir=out,
         # ResumableSampler splits the data across processes itself, and must not be replaced.
         use_distributed_sampler=False)
-    resume = resolve_resume(config.train.resume, checkpoint_dir)
+    # Lightning's warning does not apply: ResumableSampler continues a cut epoch exactly.
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before")
+    resume = resolve_resume(config.train.resume, checkpoint_dir, config.model_dump(mode="json"),
+                            warn=rank_zero_warn)
     if resume is not None:
         # Continue the interrupted epoch after the batches it already trained on.
         global_step = load_checkpoint_file(resume, mmap=True)["global_step"]
         loader.sampler.resume_at(global_step // steps_per_epoch, global_step % steps_per_epoch)
     started = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader, val_dataloaders=_monitor_loaders(splits, config),
-                ckpt_path=resume)
+    trainer.fit(module, train_dataloaders=loader,
+                val_dataloaders=_monitor_loaders(splits, config, skips), ckpt_path=resume)
     train_seconds = time.perf_counter() - started
     trainer.save_checkpoint(checkpoint_dir / "last.ckpt", weights_only=False)
     if not trainer.is_global_zero:
@@ -361,6 +416,8 @@ def train(config: Config) -> dict[str, Any]:
                                                           config.train.batch_size * world),
                                "train_seconds": round(train_seconds, 1),
                                "checkpoint": str(checkpoint_dir / "last.ckpt")}
+    if resume is not None:
+        results["resumed_from"] = resume
     final_loss = trainer.callback_metrics.get("train/loss")
     if final_loss is not None:
         results["final_loss"] = float(final_loss)
@@ -373,8 +430,12 @@ def train(config: Config) -> dict[str, Any]:
         trained = module.method.backbone
         random_init = build_pretraining_method(config, info).backbone
         results.update(evaluate_backbone(trained, splits, config.eval, protocols,
-                                         seed=config.train.seed))
+                                         seed=config.train.seed, skips=skips))
         results.update(evaluate_backbone(random_init, splits, config.eval, protocols,
-                                         seed=config.train.seed, suffix="_random_init"))
+                                         seed=config.train.seed, suffix="_random_init",
+                                         skips=skips))
+    if skips is not None:
+        results["skipped_samples"] = skips.count
+        results["skipped_examples"] = skips.problems(limit=20)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results

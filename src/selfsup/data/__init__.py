@@ -1,7 +1,7 @@
 """Data sources, splits and the loader builder.
 
 ``load_data(spec)`` turns a spec string (``"cifar10-sample"``, ``"cifar10:DIR"``,
-``"folder:DIR"``) into :class:`DataSplits`; every split yields ``(uint8 image (3, S, S),
+``"folder:DIR"``, ``"csv:FILE"``) into :class:`DataSplits`; every split yields ``(uint8 image (3, S, S),
 label, index)``. ``build_loader`` is the one way to batch them. Workers only decode and
 resize: augmentation runs later, batched, on the device.
 """
@@ -16,6 +16,7 @@ from selfsup.data.dataset import (
     DataInfo,
     DataSplits,
     LabeledDataset,
+    SkipLog,
 )
 from selfsup.data.download import CIFAR10_MD5, CIFAR10_URL, download_cifar10
 from selfsup.data.folder import ImageFileDataset
@@ -37,6 +38,7 @@ __all__ = [
     "ImageBatch",
     "ImageFileDataset",
     "LabeledDataset",
+    "SkipLog",
     "build_loader",
     "download_cifar10",
     "load_data",

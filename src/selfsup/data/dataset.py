@@ -64,6 +64,33 @@ class DataSplits:
     info: DataInfo
 
 
+class SkipLog:
+    """The bad samples a run with ``data.skip_bad`` left out, one line each (``file: problem``).
+
+    Lives in the main process: file scans add what they skip, and the loaders add what their
+    workers could not decode. A file is counted once, however many epochs meet it.
+    """
+
+    def __init__(self) -> None:
+        self._problems: dict[str, None] = {}  # a dict keeps the order they were first met
+
+    def add(self, problem: str) -> None:
+        self._problems[one_line(problem)] = None
+
+    @property
+    def count(self) -> int:
+        return len(self._problems)
+
+    def problems(self, limit: int | None = None) -> list[str]:
+        """The problems in the order they were met, the first ``limit`` of them if given."""
+        return list(self._problems)[:limit]
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks folded: errors reach the user as one line."""
+    return " ".join(text.splitlines())
+
+
 SelfT = TypeVar("SelfT", bound="LabeledDataset")
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from selfsup.data.dataset import UNLABELED, LabeledDataset, resize_center_crop, to_chw_tensor
+from selfsup.data.dataset import (UNLABELED, LabeledDataset, SkipLog, one_line, resize_center_crop,
+                                  to_chw_tensor)
 from selfsup.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
@@ -73,7 +74,7 @@ def load_image(path: str | os.PathLike[str], size: int) -> torch.Tensor:
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+        raise DataError(one_line(f"{path}: cannot decode image ({type(exc).__name__}: {exc})")) from exc
 
 
 class ImageFileDataset(LabeledDataset):
@@ -123,12 +124,13 @@ def _class_dirs(root: Path) -> list[Path]:
 
 
 def scan_folder(
-    root: Path, image_size: int, class_names: tuple[str, ...] | None = None
+    root: Path, image_size: int, class_names: tuple[str, ...] | None = None, skips: SkipLog | None = None
 ) -> tuple[ImageFileDataset, tuple[str, ...]]:
     """Index the images of one split folder; return the dataset and its class names.
 
     ``class_names`` fixes the label order (a test split uses the train split's classes); a class
-    folder not among them, or one holding no images, is a DataError naming it. No class
+    folder not among them, or one holding no images, is a DataError naming it; given ``skips``,
+    a class folder holding no images is recorded there and left out instead. No class
     folders, only images: unlabeled (label -1, no class names).
     """
     if not root.is_dir():
@@ -148,19 +150,28 @@ def scan_folder(
         files = [os.fsencode(name) for name in loose]
         return ImageFileDataset(root, np.array(files), np.full(len(files), UNLABELED), image_size), ()
 
-    names = class_names if class_names is not None else tuple(d.name for d in class_dirs)
+    found: dict[str, list[bytes]] = {}
+    for class_dir in class_dirs:
+        images = _images_under(class_dir, root)
+        if images:
+            found[class_dir.name] = images
+            continue
+        problem = f"{class_dir}: class folder holds no images (extensions: {_EXTENSIONS_LISTED})"
+        if skips is None:
+            raise DataError(problem)
+        skips.add(problem)
+    if not found:
+        raise DataError(f"{root}: every class folder is empty (extensions: {_EXTENSIONS_LISTED})")
+    names = class_names if class_names is not None else tuple(found)
     if not names:
         raise DataError(f"{root}: has class folders, but the train split is unlabeled")
     label_of = {name: label for label, name in enumerate(names)}
     files, labels = [], []
-    for class_dir in class_dirs:
-        if class_dir.name not in label_of:
-            raise DataError(f"{class_dir}: class {class_dir.name!r} is not among the train classes {', '.join(names)}")
-        found = _images_under(class_dir, root)
-        if not found:
-            raise DataError(f"{class_dir}: class folder holds no images (extensions: {_EXTENSIONS_LISTED})")
-        files += found
-        labels += [label_of[class_dir.name]] * len(found)
+    for name, images in found.items():
+        if name not in label_of:
+            raise DataError(f"{root / name}: class {name!r} is not among the train classes {', '.join(names)}")
+        files += images
+        labels += [label_of[name]] * len(images)
     return ImageFileDataset(root, np.array(files), np.array(labels), image_size), names
 
 
@@ -174,23 +185,24 @@ class FolderSplits:
     class_names: tuple[str, ...]
 
 
-def read_folder(root: Path, image_size: int) -> FolderSplits:
+def read_folder(root: Path, image_size: int, skips: SkipLog | None = None) -> FolderSplits:
     """Read ``root`` as split folders (``train/`` + ``test/`` and/or ``val/``) or as one pool.
 
     With ``train/`` and ``test/``, a ``val/`` beside them is the validation split; with
     ``train/`` and ``val/`` only, ``val/`` is the held-out test split (ImageNet's layout).
+    ``skips``: see :func:`scan_folder`.
     """
     train_dir = root / "train"
     if not train_dir.is_dir():
-        pool, names = scan_folder(root, image_size)
+        pool, names = scan_folder(root, image_size, skips=skips)
         return FolderSplits(pool, None, None, names)
-    pool, names = scan_folder(train_dir, image_size)
+    pool, names = scan_folder(train_dir, image_size, skips=skips)
     test_dir, val_dir = root / "test", root / "val"
     test = val = None
     if test_dir.is_dir():
-        test, _ = scan_folder(test_dir, image_size, names)
+        test, _ = scan_folder(test_dir, image_size, names, skips)
         if val_dir.is_dir():
-            val, _ = scan_folder(val_dir, image_size, names)
+            val, _ = scan_folder(val_dir, image_size, names, skips)
     elif val_dir.is_dir():
-        test, _ = scan_folder(val_dir, image_size, names)
+        test, _ = scan_folder(val_dir, image_size, names, skips)
     return FolderSplits(pool, test, val, names)

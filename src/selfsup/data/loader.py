@@ -1,13 +1,19 @@
-"""The one place DataLoaders are built: seeded order, uint8 batches, persistent workers."""
+"""The one place DataLoaders are built: seeded order, uint8 batches, persistent workers.
+
+A sample that cannot be decoded never raises inside a worker (PyTorch would wrap our one-line
+DataError in a worker traceback): the worker hands the problem on with its batch, and the main
+process raises it, or, with a :class:`SkipLog`, records it and trains on the rest of the batch.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from selfsup.data.dataset import SkipLog
 from selfsup.errors import ConfigError, DataError
 
 
@@ -19,14 +25,72 @@ class ImageBatch(NamedTuple):
     index: torch.Tensor  # int64 (B,), positions in the dataset (memory banks index by them)
 
 
-def collate(samples: list[tuple[torch.Tensor, int, int]]) -> ImageBatch:
-    """Stack ``(image, label, index)`` samples into an :class:`ImageBatch`.
+class BadSample(NamedTuple):
+    """What a worker yields in place of a sample it could not decode."""
+
+    problem: str  # the DataError's message: ``file: what is wrong``
+
+
+class CheckedBatch(NamedTuple):
+    """A batch as it leaves a worker: the good samples (None if none was), and the problems of
+    the samples left out."""
+
+    batch: ImageBatch | None
+    problems: list[str]
+
+
+class _Guarded(Dataset):
+    """``dataset`` with a sample's DataError turned into a :class:`BadSample`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | BadSample:
+        try:
+            return self.dataset[index]
+        except DataError as error:
+            return BadSample(str(error))
+
+
+def collate(samples: list[tuple[torch.Tensor, int, int] | BadSample]) -> CheckedBatch:
+    """Stack the good ``(image, label, index)`` samples into an :class:`ImageBatch`; list the
+    problems of the bad ones.
 
     ``default_collate`` does the stacking because inside a worker it writes the batch straight
     into shared memory, saving a copy on the way to the main process; Python ints become int64.
     """
-    images, labels, index = default_collate(samples)
-    return ImageBatch(images, labels, index)
+    good = [sample for sample in samples if not isinstance(sample, BadSample)]
+    problems = [sample.problem for sample in samples if isinstance(sample, BadSample)]
+    if not good:
+        return CheckedBatch(None, problems)
+    images, labels, index = default_collate(good)
+    return CheckedBatch(ImageBatch(images, labels, index), problems)
+
+
+class CheckedLoader(DataLoader):
+    """A DataLoader yielding :class:`ImageBatch` es whose bad samples were left out.
+
+    Without ``skips``, a bad sample raises its DataError (one line, naming the file) here, in
+    the main process; with ``skips``, it is recorded there and its batch goes on without it (a
+    batch with no good sample is not yielded).
+    """
+
+    def __init__(self, dataset: Dataset, *args: Any, skips: SkipLog | None = None, **kwargs: Any) -> None:
+        super().__init__(_Guarded(dataset), *args, **kwargs)
+        self.skips = skips
+
+    def __iter__(self) -> Iterator[ImageBatch]:  # type: ignore[override]
+        for checked in super().__iter__():
+            if checked.problems:
+                if self.skips is None:
+                    raise DataError(checked.problems[0])
+                for problem in checked.problems:
+                    self.skips.add(problem)
+            if checked.batch is not None:
+                yield checked.batch
 
 
 class ResumableSampler(Sampler[int]):
@@ -87,7 +151,8 @@ def build_loader(
     num_workers: int = 0,
     seed: int = 0,
     pin_memory: bool | None = None,
-) -> DataLoader:
+    skips: SkipLog | None = None,
+) -> CheckedLoader:
     """A DataLoader over ``dataset`` yielding :class:`ImageBatch` (uint8 images, int64 labels
     and indices).
 
@@ -98,6 +163,8 @@ def build_loader(
 
     A loader that would yield no batch at all (empty dataset, or fewer samples than
     ``batch_size`` with ``drop_last``) is a DataError rather than a silently empty epoch.
+    A sample that cannot be decoded is a DataError naming its file; given ``skips`` (with
+    ``data.skip_bad``), it is recorded there and left out of its batch (see :class:`CheckedLoader`).
     """
     for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -108,8 +175,9 @@ def build_loader(
             f"a loader over {size} samples with batch_size={batch_size}, drop_last={drop_last} "
             "would yield no batches"
         )
-    return DataLoader(
+    return CheckedLoader(
         dataset,
+        skips=skips,
         batch_size=batch_size,
         sampler=ResumableSampler(size, batch_size, shuffle=shuffle, seed=seed),
         drop_last=drop_last,

@@ -5,6 +5,7 @@ Accepted specs (see :data:`SOURCES`)::
     cifar10-sample     the sample shipped inside the package
     cifar10:DIR        DIR holds cifar10.npz, cifar-10-batches-py/ or cifar-10-python.tar.gz
     folder:DIR         images in DIR/<class>/..., or DIR/train/<class>/... and DIR/test/...
+    csv:FILE           the images listed in FILE (columns path and, optionally, label)
 
 The validation split is always carved from the train pool (stratified, with ``seed``), so
 ``train`` and ``val`` are disjoint and tuning never looks at ``test``. A test split carved
@@ -27,11 +28,13 @@ from selfsup.data.dataset import (
     DataInfo,
     DataSplits,
     LabeledDataset,
+    SkipLog,
     check_image_size,
     stratified_split,
 )
 from selfsup.data.download import download_cifar10
-from selfsup.data.folder import read_folder
+from selfsup.data.folder import ImageFileDataset, read_folder
+from selfsup.data.listfile import read_image_list
 from selfsup.data.sample import read_sample
 from selfsup.errors import ConfigError, DataError
 
@@ -41,6 +44,8 @@ SOURCES: dict[str, str] = {
     "(download=True fetches the archive)",
     "folder:DIR": "images in DIR/<class>/<image> (or DIR/train/... and DIR/test/ or DIR/val/), "
     "any format Pillow reads, resized to image_size (default 224)",
+    "csv:FILE": "the images listed in FILE, a UTF-8 CSV with a header: path (relative to FILE's folder, "
+    "or absolute) and an optional label (a class name); resized like folder:DIR",
 }
 FOLDER_IMAGE_SIZE = 224
 FOLDER_TEST_FRACTION = 0.1
@@ -48,7 +53,7 @@ TEST_SPLIT_SEED = 0  # fixed on purpose: see the module docstring
 
 
 def source_names() -> tuple[str, ...]:
-    """The accepted spec forms, e.g. ``("cifar10-sample", "cifar10:DIR", "folder:DIR")``."""
+    """The accepted spec forms, e.g. ``("cifar10-sample", "cifar10:DIR", "folder:DIR", "csv:FILE")``."""
     return tuple(SOURCES)
 
 
@@ -96,25 +101,36 @@ def _cifar10_dir(spec: str, directory: Path, image_size: int | None, download: b
     return _from_arrays("cifar10", read_cifar10_dir(directory), image_size)
 
 
-def _folder(spec: str, root: Path, image_size: int | None) -> _Source:
-    if not root.is_dir():
-        raise _spec_error(spec, f"directory {root} does not exist")
-    size = image_size if image_size is not None else FOLDER_IMAGE_SIZE
-    found = read_folder(root, size)
-    pool, test = found.pool, found.test
+def _image_files(name: str, pool: ImageFileDataset, test: ImageFileDataset | None, val: ImageFileDataset | None,
+                 class_names: tuple[str, ...]) -> _Source:
+    """A source of image files; without a test split of its own, one is carved from the pool."""
     if test is None:
         kept, carved = stratified_split(pool.labels, FOLDER_TEST_FRACTION, TEST_SPLIT_SEED)
         pool, test = pool.subset(kept), pool.subset(carved)
     return _Source(
-        name=root.resolve().name,
+        name=name,
         pool=pool,
         test=test,
-        val=found.val,
-        class_names=found.class_names,
-        image_size=size,
+        val=val,
+        class_names=class_names,
+        image_size=pool.image_size,
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
     )
+
+
+def _folder(spec: str, root: Path, image_size: int | None, skips: SkipLog | None) -> _Source:
+    if not root.is_dir():
+        raise _spec_error(spec, f"directory {root} does not exist")
+    found = read_folder(root, image_size if image_size is not None else FOLDER_IMAGE_SIZE, skips)
+    return _image_files(root.resolve().name, found.pool, found.test, found.val, found.class_names)
+
+
+def _csv(spec: str, csv_path: Path, image_size: int | None, skips: SkipLog | None) -> _Source:
+    if not csv_path.is_file():
+        raise _spec_error(spec, f"file {csv_path} does not exist")
+    pool, names = read_image_list(csv_path, image_size if image_size is not None else FOLDER_IMAGE_SIZE, skips)
+    return _image_files(csv_path.stem, pool, None, None, names)
 
 
 def load_data(
@@ -124,17 +140,21 @@ def load_data(
     val_fraction: float = 0.1,
     seed: int = 0,
     download: bool = False,
+    skips: SkipLog | None = None,
 ) -> DataSplits:
     """Load the dataset named by ``spec`` as train / val / test splits.
 
     Args:
-        spec: ``"cifar10-sample"``, ``"cifar10:DIR"`` or ``"folder:DIR"`` (see :data:`SOURCES`).
+        spec: ``"cifar10-sample"``, ``"cifar10:DIR"``, ``"folder:DIR"`` or ``"csv:FILE"``
+            (see :data:`SOURCES`).
         image_size: side of the square images yielded; default 32 for CIFAR, 224 for folders.
         val_fraction: share of every class moved from the train pool to ``val`` (0 for none).
             Ignored when a folder brings its own ``val/`` beside ``train/`` and ``test/``.
         seed: seeds the validation split only; the same seed gives the same split.
         download: for ``cifar10:DIR``, fetch the official archive into DIR when no copy is
             there (verified by MD5; see :mod:`selfsup.data.download`).
+        skips: with ``data.skip_bad``, where an empty class folder or a bad or missing row of a
+            list file is recorded and left out; without it (None), such a problem is a DataError.
 
     Every split yields ``(uint8 image (3, S, S), label, index)`` with index 0..len-1.
     Raises DataError naming the spec, directory or file at fault.
@@ -150,9 +170,12 @@ def load_data(
     elif name == "cifar10" and argument:
         source = _cifar10_dir(spec, Path(argument).expanduser(), image_size, download)
     elif name == "folder" and argument:
-        source = _folder(spec, Path(argument).expanduser(), image_size)
-    elif name in ("cifar10", "folder"):
-        raise _spec_error(spec, f"{name} needs a directory, as in '{name}:DIR'")
+        source = _folder(spec, Path(argument).expanduser(), image_size, skips)
+    elif name == "csv" and argument:
+        source = _csv(spec, Path(argument).expanduser(), image_size, skips)
+    elif name in ("cifar10", "folder", "csv"):
+        form = next(form for form in SOURCES if form.startswith(f"{name}:"))
+        raise _spec_error(spec, f"{name} needs an argument, as in {form!r}")
     else:
         raise _spec_error(spec, f"unknown source {name!r}")
 

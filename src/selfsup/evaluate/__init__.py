@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from selfsup.config import EvalConfig
-from selfsup.data import DataSplits
+from selfsup.data import DataSplits, SkipLog
 from selfsup.evaluate.features import extract_features
 from selfsup.evaluate.knn import knn_predict, knn_top1
 from selfsup.evaluate.linear import LinearProbeResult, linear_probe
@@ -19,16 +19,17 @@ __all__ = ["evaluate_backbone", "extract_features", "knn_predict", "knn_top1", "
 
 def evaluate_backbone(backbone: nn.Module, splits: DataSplits, config: EvalConfig,
                       protocols: list[str], seed: int = 0, suffix: str = "",
-                      num_workers: int = 0) -> dict[str, Any]:
+                      num_workers: int = 0, skips: SkipLog | None = None) -> dict[str, Any]:
     """Run the requested protocols (``knn``, ``linear``) and return ``{metric + suffix: value}``.
 
     The kNN bank and the probe's training set are the train split; the validation split chooses
-    the probe's hyper-parameters; the test split is only reported.
+    the probe's hyper-parameters; the test split is only reported. ``skips``: see
+    :func:`extract_features`.
     """
     info = splits.info
     extract = lambda dataset: extract_features(backbone, dataset, info,  # noqa: E731
                                                batch_size=config.batch_size,
-                                               num_workers=num_workers)
+                                               num_workers=num_workers, skips=skips)
     train, val, test = extract(splits.train), extract(splits.val), extract(splits.test)
     results: dict[str, Any] = {}
     if "knn" in protocols:

@@ -9,6 +9,8 @@ A method is an ``nn.Module`` with
 - ``training_step(batch) -> StepOutput``: the loss, values to log, the backbone features of the
   first view (the online linear probe reads them, detached) and the per-view embeddings (the
   collapse monitors read them);
+- ``on_before_optimizer_step(epoch)``: after backward, before the step: cancel gradients (SwAV's
+  prototypes in the first epoch);
 - ``on_after_optimizer_step(progress)``: momentum updates, schedules (progress in [0, 1]);
 - ``state_dict()``: everything needed to resume exactly (queues, banks, EMA weights are persistent
   buffers or submodules).
@@ -49,12 +51,16 @@ class Batch:
 
     ``generator`` is seeded identically on every process for this step, so random choices a
     method makes (e.g. MoCo's shuffle) agree across processes and are reproducible on resume.
+    ``epoch`` is the trainer's step counted in epochs (step / steps per epoch: 1.5 is the middle of
+    the second epoch), for settings the papers switch by epoch (SwAV's queue); it derives from the
+    checkpointed step, so it resumes exactly.
     """
 
     views: list[torch.Tensor]
     labels: torch.Tensor | None
     index: torch.Tensor
     generator: torch.Generator
+    epoch: float = 0.0
 
 
 @dataclass
@@ -92,6 +98,11 @@ class Method(nn.Module):
 
     def training_step(self, batch: Batch) -> StepOutput:
         raise NotImplementedError
+
+    def on_before_optimizer_step(self, epoch: float) -> None:
+        """Called after backward (gradients already reduced across processes) and before the
+        optimizer step, with the step counted in epochs as in ``Batch.epoch``; a gradient set to
+        None here leaves its parameter, and its optimizer state, untouched by the step."""
 
     def on_after_optimizer_step(self, progress: float) -> None:
         """Called once after every optimizer step; momentum methods update their copies here."""
