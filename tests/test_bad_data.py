@@ -168,6 +168,25 @@ def test_with_a_skip_log_bad_samples_leave_their_batch_and_are_counted_once(tmp_
     assert skips.count == 5 and [problem.split(": ")[0] for problem in skips.problems()] == bad
 
 
+def test_a_training_loader_keeps_batches_full_by_taking_the_next_decodable_sample(tmp_path):
+    """drop_last loaders (training) replace a bad sample by the next good one after it: under DDP
+    every process must gather batches of one size, and BatchNorm needs more than one sample."""
+    root = tmp_path / "pets"
+    _write_good(root / "cat", 4)
+    (root / "cat" / "good01x.png").write_bytes(b"")  # sorts between good01 and good02
+    dataset, _ = scan_folder(root, SIZE)
+    names = [dataset.path(i).name for i in range(len(dataset))]
+    assert names == ["good00.png", "good01.png", "good01x.png", "good02.png", "good03.png"]
+    skips = SkipLog()
+    loader = build_loader(dataset, 5, shuffle=False, drop_last=True, skips=skips)
+    (batch,) = list(loader)
+    assert [names[i] for i in batch.index.tolist()] == [
+        "good00.png", "good01.png", "good02.png", "good02.png", "good03.png"]
+    assert skips.count == 1 and "good01x.png" in skips.problems()[0]
+    with pytest.raises(DataError, match="good01x.png"):  # without a skip log: still an error
+        list(build_loader(dataset, 5, shuffle=False, drop_last=True))
+
+
 # --------------------------------------------------------------------------- folders
 
 

@@ -26,9 +26,15 @@ class ImageBatch(NamedTuple):
 
 
 class BadSample(NamedTuple):
-    """What a worker yields in place of a sample it could not decode."""
+    """What a worker yields in place of a sample it could not decode: the problem, and the next
+    decodable sample of the dataset when the loader keeps batches full (None otherwise)."""
 
     problem: str  # the DataError's message: ``file: what is wrong``
+    substitute: tuple[torch.Tensor, int, int] | None = None
+
+
+# How far past a bad sample a full-batch loader looks for a decodable one before giving up.
+MAX_SUBSTITUTE_TRIES = 64
 
 
 class CheckedBatch(NamedTuple):
@@ -40,10 +46,16 @@ class CheckedBatch(NamedTuple):
 
 
 class _Guarded(Dataset):
-    """``dataset`` with a sample's DataError turned into a :class:`BadSample`."""
+    """``dataset`` with a sample's DataError turned into a :class:`BadSample`.
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    With ``substitute``, a bad sample comes with the next decodable sample after it (wrapping
+    around) so that the batch keeps its size: under DDP every process must gather batches of one
+    size, and BatchNorm needs more than one sample. The choice depends on the index only, so it
+    is as reproducible as the data order.
+    """
+
+    def __init__(self, dataset: Dataset, substitute: bool) -> None:
+        self.dataset, self.substitute = dataset, substitute
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -52,7 +64,14 @@ class _Guarded(Dataset):
         try:
             return self.dataset[index]
         except DataError as error:
-            return BadSample(str(error))
+            problem = str(error)
+        if self.substitute:
+            for offset in range(1, min(MAX_SUBSTITUTE_TRIES, len(self)) + 1):
+                try:
+                    return BadSample(problem, self.dataset[(index + offset) % len(self)])
+                except DataError:
+                    continue
+        return BadSample(problem)
 
 
 def collate(samples: list[tuple[torch.Tensor, int, int] | BadSample]) -> CheckedBatch:
@@ -62,7 +81,8 @@ def collate(samples: list[tuple[torch.Tensor, int, int] | BadSample]) -> Checked
     ``default_collate`` does the stacking because inside a worker it writes the batch straight
     into shared memory, saving a copy on the way to the main process; Python ints become int64.
     """
-    good = [sample for sample in samples if not isinstance(sample, BadSample)]
+    good = [sample.substitute if isinstance(sample, BadSample) else sample for sample in samples]
+    good = [sample for sample in good if sample is not None]
     problems = [sample.problem for sample in samples if isinstance(sample, BadSample)]
     if not good:
         return CheckedBatch(None, problems)
@@ -75,11 +95,15 @@ class CheckedLoader(DataLoader):
 
     Without ``skips``, a bad sample raises its DataError (one line, naming the file) here, in
     the main process; with ``skips``, it is recorded there and its batch goes on without it (a
-    batch with no good sample is not yielded).
+    batch with no good sample is not yielded), or, with ``drop_last``, with the next decodable
+    sample in its place.
     """
 
-    def __init__(self, dataset: Dataset, *args: Any, skips: SkipLog | None = None, **kwargs: Any) -> None:
-        super().__init__(_Guarded(dataset), *args, **kwargs)
+    def __init__(self, dataset: Dataset, *args: Any, skips: SkipLog | None = None,
+                 **kwargs: Any) -> None:
+        # A loader that drops last batches (training) keeps every batch full; see _Guarded.
+        super().__init__(_Guarded(dataset, substitute=bool(kwargs.get("drop_last"))), *args,
+                         **kwargs)
         self.skips = skips
 
     def __iter__(self) -> Iterator[ImageBatch]:  # type: ignore[override]
@@ -164,7 +188,9 @@ def build_loader(
     A loader that would yield no batch at all (empty dataset, or fewer samples than
     ``batch_size`` with ``drop_last``) is a DataError rather than a silently empty epoch.
     A sample that cannot be decoded is a DataError naming its file; given ``skips`` (with
-    ``data.skip_bad``), it is recorded there and left out of its batch (see :class:`CheckedLoader`).
+    ``data.skip_bad``), it is recorded there and left out of its batch (see :class:`CheckedLoader`);
+    with ``drop_last`` (training) the next decodable sample takes its place, so batches keep
+    their size.
     """
     for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
