@@ -308,6 +308,21 @@ def test_train_with_skip_bad_completes_and_reports_every_skipped_file(hostile_fo
     assert json.loads((tmp_path / "run" / "results.json").read_text())["skipped_samples"] == len(bad) + 1
 
 
+def test_train_with_skip_bad_under_ddp_counts_the_bad_samples_of_every_process(hostile_folder, tmp_path):
+    """Two gloo processes each decode half of every epoch; the count at the end is the run's."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "selfsup.cli", "train", "--data", f"folder:{hostile_folder}",
+               "--skip-bad", "--num-workers", "0", "--devices", "2", "--accelerator", "cpu",
+               "--out", str(tmp_path / "run"), "--json", *TINY_TRAIN, "--batch-size", "4"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    results = json.loads(completed.stdout.strip().splitlines()[-1])
+    named = {Path(problem.split(": ")[0]).name for problem in results["skipped_examples"]}
+    assert named == set(hostile_bytes()) | {"zebra"}
+
+
 def test_train_with_skip_bad_prints_the_count_and_examples(tmp_path, capsys):
     root = _csv_folder(tmp_path)
     lines = [b"path,label", *(r.encode() for r in _good_rows()), *(row for row, _ in BAD_ROWS.values())]

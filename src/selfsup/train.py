@@ -27,7 +27,8 @@ from selfsup.backbones import build_backbone
 from selfsup.checkpoint import AtomicCheckpointIO, load_checkpoint_file, resolve_resume
 from selfsup.config import Config
 from selfsup.data import DataInfo, DataSplits, SkipLog, build_loader, load_data
-from selfsup.distributed import convert_to_global_batchnorm, gather_no_grad
+from selfsup.distributed import (convert_to_global_batchnorm, gather_no_grad, is_distributed,
+                                 world_size)
 from selfsup.errors import SelfSupError
 from selfsup.evaluate.knn import knn_top1
 from selfsup.evaluate.metrics import collapse_metrics
@@ -290,6 +291,20 @@ class SelfSupervisedModule(L.LightningModule):
             self.probe_optimizer.load_state_dict(state)
 
 
+def gather_skips(skips: SkipLog) -> None:
+    """Add the bad samples every other process met to ``skips`` (each process decodes its own
+    share of the data), so that the count reported at the end is the run's."""
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    per_process: list[list[str]] = [[] for _ in range(world_size())]
+    dist.all_gather_object(per_process, skips.problems())
+    for problems in per_process:
+        for problem in problems:
+            skips.add(problem)
+
+
 def _monitor_loaders(splits: DataSplits, config: Config, skips: SkipLog | None) -> list[Any]:
     from torch.utils.data import Subset
 
@@ -406,6 +421,8 @@ def train(config: Config) -> dict[str, Any]:
                 val_dataloaders=_monitor_loaders(splits, config, skips), ckpt_path=resume)
     train_seconds = time.perf_counter() - started
     trainer.save_checkpoint(checkpoint_dir / "last.ckpt", weights_only=False)
+    if skips is not None:
+        gather_skips(skips)
     if not trainer.is_global_zero:
         return {}
 
