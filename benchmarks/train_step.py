@@ -7,6 +7,15 @@ as a fraction of the ceiling of its precision. FLOPs are counted once with
 variant is measured in this run, so the ratios between them hold on a noisy machine.
 
     python benchmarks/train_step.py [--device cpu|cuda] [--batch-size 256] [--width 1.0]
+    python benchmarks/train_step.py --vs-lightly [--device cpu|cuda] [--workers 2]
+
+``--vs-lightly`` runs the whole loop, data loading included, of lightly's CIFAR-10 benchmark
+(``docs/source/getting_started/benchmarks/cifar10_benchmark.py``: ``SimCLRTransform`` without
+blur on PIL images in DataLoader workers, lightly's CIFAR ResNet-18, ``SimCLRProjectionHead(512,
+512, 128)``, ``NTXentLoss``, SGD, fp32) beside selfsup's (uint8 batches from the loader,
+augmentation on the device, bf16 autocast, channels_last, LARS) on the embedded CIFAR-10 sample,
+and prints the ratio. lightly's images are handed to it already decoded (PIL, in memory), which
+only spares it work. Needs the ``bench`` extra (lightly).
 """
 
 from __future__ import annotations
@@ -83,16 +92,126 @@ def simclr_step_throughput(device: torch.device, batch_size: int, width: float, 
     return batch_size / statistics.median(times), flops
 
 
+def _timed_loop(loader, step, steps: int, device: torch.device) -> float:
+    """Images per second over ``steps`` steps (after one warm-up step), data loading included;
+    the loader is run for as many epochs as that takes."""
+    def forever():
+        while True:
+            yield from loader
+
+    batches = forever()
+    step(next(batches))
+    _sync(device)
+    start, images = time.perf_counter(), 0
+    for _ in range(steps):
+        images += step(next(batches))
+    _sync(device)
+    return images / (time.perf_counter() - start)
+
+
+def lightly_loop_throughput(device: torch.device, batch_size: int, steps: int,
+                            workers: int) -> float:
+    """img/s of lightly's CIFAR-10 benchmark loop for SimCLR (see the module docstring)."""
+    from lightly.loss import NTXentLoss
+    from lightly.models import ResNetGenerator
+    from lightly.models.modules import SimCLRProjectionHead
+    from lightly.transforms import SimCLRTransform
+    from PIL import Image
+    from torch import nn
+
+    from selfsup.data.sample import read_sample
+
+    class PILImages(torch.utils.data.Dataset):
+        def __init__(self, images, transform) -> None:
+            self.images = [Image.fromarray(image.transpose(1, 2, 0)) for image in images]
+            self.transform = transform
+
+        def __len__(self) -> int:
+            return len(self.images)
+
+        def __getitem__(self, index: int):
+            return self.transform(self.images[index]), 0
+
+    torch.manual_seed(0)
+    dataset = PILImages(read_sample().x_train, SimCLRTransform(input_size=32, gaussian_blur=0.0))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         drop_last=True, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    resnet = ResNetGenerator("resnet-18")
+    backbone = nn.Sequential(*list(resnet.children())[:-1], nn.AdaptiveAvgPool2d(1)).to(device)
+    head = SimCLRProjectionHead(512, 512, 128).to(device)
+    criterion = NTXentLoss()
+    parameters = list(backbone.parameters()) + list(head.parameters())
+    optimizer = torch.optim.SGD(parameters, lr=0.06, momentum=0.9, weight_decay=5e-4)
+
+    def step(batch) -> int:
+        (x0, x1), _ = batch
+        x0, x1 = x0.to(device, non_blocking=True), x1.to(device, non_blocking=True)
+        loss = criterion(head(backbone(x0).flatten(1)), head(backbone(x1).flatten(1)))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return x0.shape[0]
+
+    return _timed_loop(loader, step, steps, device)
+
+
+def selfsup_loop_throughput(device: torch.device, batch_size: int, steps: int,
+                            workers: int) -> float:
+    """img/s of selfsup's SimCLR loop on the same images: bf16 autocast, channels_last, LARS."""
+    from selfsup.data import build_loader, load_data
+
+    torch.manual_seed(0)
+    splits = load_data("cifar10-sample", val_fraction=0.1, seed=0)
+    loader = build_loader(splits.train, batch_size, shuffle=True, drop_last=True,
+                          num_workers=workers, seed=0)
+    backbone, feature_dim = build_backbone("resnet18", cifar_stem=True)
+    method = build_method("simclr", backbone, MethodContext(feature_dim, 50_000, 10, 32))
+    method = method.to(device).to(memory_format=torch.channels_last)
+    optimizer = LARS(method.parameters(), lr=0.3)
+    views = build_view_generator("simclr", 32, CIFAR10_MEAN, CIFAR10_STD)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def step(batch) -> int:
+        images = batch.images.to(device, non_blocking=True)
+        x1, x2 = (v.contiguous(memory_format=torch.channels_last)
+                  for v in views(images, generator))
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = method.training_step(Batch([x1, x2], None, batch.index, generator)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return images.shape[0]
+
+    return _timed_loop(loader, step, steps, device)
+
+
+def compare_with_lightly(device: torch.device, batch_size: int, steps: int, workers: int) -> None:
+    print(f"\nSimCLR loop end to end (data loading included), ResNet-18 CIFAR stem, batch "
+          f"{batch_size}, {workers} loader workers, {steps} timed steps:")
+    lightly_rate = lightly_loop_throughput(device, batch_size, steps, workers)
+    ours = selfsup_loop_throughput(device, batch_size, steps, workers)
+    print(f"{'lightly benchmark loop (PIL in workers, fp32)':52s} {lightly_rate:8.1f} img/s")
+    print(f"{'selfsup (augment on device, bf16, channels_last)':52s} {ours:8.1f} img/s "
+          f"{ours / lightly_rate:6.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--vs-lightly", action="store_true",
+                        help="only the end-to-end comparison with lightly's benchmark loop")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers (--vs-lightly)")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
     print(f"device: {name}; torch {torch.__version__}")
+    if args.vs_lightly:
+        compare_with_lightly(device, args.batch_size, args.steps, args.workers)
+        return
     # cuDNN runs float32 convolutions in TF32 by default, so on CUDA the fair float32 ceiling is
     # the TF32 matmul; on the CPU there is no such mode.
     torch.backends.cuda.matmul.allow_tf32 = True
