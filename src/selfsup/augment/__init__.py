@@ -16,7 +16,7 @@ from .ops import (
     RandomResizedCrop,
     Solarize,
 )
-from .recipes import RECIPES, ViewGenerator, build_view_generator, recipe_names
+from .recipes import RECIPES, ViewGenerator, ViewGroup, build_view_generator, recipe_names
 
 __all__ = [
     "RECIPES",
@@ -30,6 +30,7 @@ __all__ = [
     "RandomResizedCrop",
     "Solarize",
     "ViewGenerator",
+    "ViewGroup",
     "build_view_generator",
     "recipe_names",
 ]

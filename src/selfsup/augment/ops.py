@@ -10,18 +10,21 @@ the training device, and is split in two halves:
   image with the same parameters (the tests check this op by op).
 
 ``op(images, generator)`` does both. Nothing loops over samples: a random decision that
-torchvision takes with an ``if`` becomes a per-sample mask and a ``torch.where``, and a random
-factor becomes a ``(B, 1, 1, 1)`` tensor. Random numbers are drawn on the generator's device and
-then moved, so a CPU generator gives the same views on any device, and a CUDA generator on a CUDA
-batch needs no transfer.
+torchvision takes with an ``if`` becomes a per-sample mask, and a random factor a ``(B, 1, 1, 1)``
+tensor. On the CPU, where reading a mask costs nothing, an op computes only the samples it
+changes; on an accelerator, where reading it would stall the host, it computes the whole batch and
+keeps each sample's own result (the tests check that both give the same images). Random numbers
+are drawn on the generator's device and then moved, so a CPU generator gives the same views on any
+device, and a CUDA generator on a CUDA batch needs no transfer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -51,6 +54,10 @@ P = TypeVar("P")
 # ITU-R 601-2 luma, with torchvision's tensor kernels' red weight (0.2989, not 0.299) so that our
 # grayscale, contrast and saturation equal theirs.
 _LUMA = (0.2989, 0.587, 0.114)
+
+# Floats in a slice of the batch that a pipeline runs through its ops at once on the CPU: with
+# the colour jitter's temporaries, a few times this fits in a core's L2 cache (2 MiB here).
+_CACHE_BLOCK = 2**19
 
 # torchvision's RandomResizedCrop tries 10 boxes before it falls back to a central crop.
 _CROP_ATTEMPTS = 10
@@ -98,6 +105,48 @@ def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor
 def _per_sample(values: Tensor) -> Tensor:
     """Shape ``(B,)`` values so that they broadcast over ``(B, C, H, W)``."""
     return values.view(-1, 1, 1, 1)
+
+
+def _choose(apply: Tensor, chosen: Tensor, otherwise: Tensor, in_place: bool = False) -> Tensor:
+    """Per sample, ``chosen`` where ``apply`` (bool ``(B,)``) holds, else ``otherwise``.
+
+    A lerp with weight 0 or 1 is an exact selection between finite values (torch evaluates it as
+    ``a + 0 * (b - a)`` and ``b - (b - a) * 0``) and a vectorised kernel on the CPU, where
+    ``torch.where`` is not (measured 1.5 to 10 times slower). ``in_place`` writes into ``otherwise``.
+    """
+    weight = _per_sample(apply).to(otherwise.dtype)
+    return otherwise.lerp_(chosen, weight) if in_place else torch.lerp(otherwise, chosen, weight)
+
+
+def _apply_where(
+    apply: Tensor, images: Tensor, transform: Callable[[Tensor, Tensor], Tensor], in_place: bool
+) -> Tensor:
+    """``transform(x, index)`` on the samples where ``apply`` (bool ``(B,)``) holds, the others as
+    they are; ``index`` holds the positions of the samples in ``x``, for their parameters.
+
+    Where reading ``apply`` on the host is free (the CPU), only the chosen samples are computed;
+    elsewhere the whole batch is, and :func:`_choose` keeps each sample's own result.
+    """
+    if _host_reads_are_free(images.device):
+        index = apply.nonzero().squeeze(1)
+        out = images if in_place else images.clone()
+        if len(index):
+            out.index_copy_(0, index, transform(images.index_select(0, index), index))
+        return out
+    everything = torch.arange(len(images), device=images.device)
+    return _choose(apply, transform(images, everything), images, in_place)
+
+
+def _host_reads_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor's values on the host costs nothing more than the read: true on
+    the CPU; on an accelerator it would wait for the queued work, so ops avoid it there."""
+    return device.type == "cpu"
+
+
+def _rows(params: P, start: int, stop: int) -> P:
+    """The parameters of samples ``start:stop``: every field of a params dataclass is per sample."""
+    fields = dataclasses.fields(params)
+    return dataclasses.replace(params, **{f.name: getattr(params, f.name)[start:stop] for f in fields})
 
 
 def _check_probability(p: float) -> None:
@@ -180,6 +229,14 @@ class Op(ABC, Generic[P]):
     def apply(self, images: Tensor, params: P) -> Tensor:
         """Apply the op to float images ``(B, C, H, W)`` with the given per-sample parameters."""
 
+    def apply_(self, images: Tensor, params: P) -> Tensor:
+        """:meth:`apply` that may overwrite ``images``, which the caller no longer needs.
+
+        A pipeline calls it on the batches it made itself: an op that can work in place saves
+        writing a new batch. By default it is :meth:`apply`.
+        """
+        return self.apply(images, params)
+
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         batch_size, _, height, width = images.shape
         return self.apply(images, self.sample_params(batch_size, height, width, generator, images.device))
@@ -256,20 +313,37 @@ class RandomResizedCrop(Op[CropParams]):
         left = torch.where(found, left, float((width - fallback_w) // 2))
         return CropParams(top=top.long(), left=left.long(), height=h.long(), width=w.long())
 
-    def apply(self, images: Tensor, params: CropParams) -> Tensor:
-        height, width = images.shape[-2:]
+    def apply(self, images: Tensor, params: CropParams, mirror: Tensor | None = None) -> Tensor:
+        """Crop and resize; ``params`` may hold ``n`` boxes per image (``n * B`` in all).
+
+        Box ``k * B + b`` is cut from image ``b``: the ``n`` crops of a multi-crop group come out
+        as one batch, copy-major, without first repeating the (larger) input ``n`` times.
+        ``mirror`` (bool ``(n * B,)``) flips the chosen crops left-right by reading their source
+        columns backwards, which equals :class:`HorizontalFlip` after the crop at no extra cost.
+        """
+        batch, channels, height, width = images.shape
+        copies, remainder = divmod(len(params.top), batch)
+        if remainder or not copies:
+            raise ValueError(f"{len(params.top)} crop boxes do not divide among {batch} images")
         out_h, out_w = self.size
         ys = self._source_coordinates(out_h, params.top, params.height, images.dtype)
         xs = self._source_coordinates(out_w, params.left, params.width, images.dtype)
+        if mirror is not None:
+            xs = torch.where(mirror[:, None], xs.flip(1), xs)
         # grid_sample with align_corners=True maps -1 and +1 to the first and last pixel centres.
-        gy = ys * (2.0 / max(height - 1, 1)) - 1.0
-        gx = xs * (2.0 / max(width - 1, 1)) - 1.0
+        # The copies of image b stack along the grid's rows: one call samples them all.
+        gy = (ys * (2.0 / max(height - 1, 1)) - 1.0).view(copies, batch, out_h).transpose(0, 1)
+        gx = (xs * (2.0 / max(width - 1, 1)) - 1.0).view(copies, batch, out_w).transpose(0, 1)
         grid = torch.stack(
-            (gx[:, None, :].expand(-1, out_h, -1), gy[:, :, None].expand(-1, -1, out_w)), dim=-1
-        )
+            (gx[:, :, None, :].expand(-1, -1, out_h, -1), gy[:, :, :, None].expand(-1, -1, -1, out_w)), dim=-1
+        ).view(batch, copies * out_h, out_w, 2)
         # "border" only absorbs the last-ulp rounding of the normalised grid: every coordinate
         # already lies inside its crop box.
-        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        crops = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        if copies == 1:
+            return crops
+        crops = crops.view(batch, channels, copies, out_h, out_w).permute(2, 0, 1, 3, 4)
+        return crops.reshape(copies * batch, channels, out_h, out_w)
 
     @staticmethod
     def _source_coordinates(out_size: int, start: Tensor, length: Tensor, dtype: torch.dtype) -> Tensor:
@@ -313,7 +387,7 @@ class HorizontalFlip(_PerSampleCoin):
     p: float = 0.5
 
     def apply(self, images: Tensor, params: MaskParams) -> Tensor:
-        return torch.where(_per_sample(params.apply), images.flip(-1), images)
+        return _choose(params.apply, images.flip(-1), images)
 
 
 def _factor_range(value: float | Sequence[float], name: str) -> tuple[float, float] | None:
@@ -339,55 +413,48 @@ def _hue_range(value: float | Sequence[float]) -> tuple[float, float] | None:
     return None if low == high == 0.0 else (low, high)
 
 
-def _rgb_to_hsv(images: Tensor) -> Tensor:
-    """torchvision's (Pillow-derived) RGB -> HSV, step for step, so that the round trip matches."""
+# The hue of each output channel (red, green, blue), on torchvision's hue scale times 6.
+_CHANNEL_HUES = (0.0, 2.0, 4.0)
+
+
+def _adjust_hue(images: Tensor, hue_factor: Tensor, out: Tensor | None = None) -> Tensor:
+    """torchvision's ``adjust_hue`` on float RGB, with one hue shift per sample (``(B,)``).
+
+    The hue is computed with torchvision's (Pillow-derived) float32 steps, so it is the same to the
+    bit. The way back skips HSV: with ``h6`` the shifted hue times 6 and ``d = |h6 - c|`` its
+    distance to the channel's own hue ``c`` (0, 2, 4), each channel is
+    ``max - (max - min) * clamp(2 - |d - 3|, 0, 1)``, torchvision's six-sector table of
+    ``v, p, q, t`` in closed form (``v * s == max - min``); gray pixels (``max == min``) and the
+    channel that keeps the maximum come back exactly. ``out`` may be ``images`` itself.
+    """
     r, g, b = images.unbind(dim=-3)
     # Pairwise max / min equal aminmax over the 3 channels bit for bit, several times faster on CPU.
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    minc = torch.minimum(torch.minimum(r, g), b)
-    # Where max == min, hue and saturation are 0; replacing the divisors by 1 avoids a NaN there.
-    eqc = maxc == minc
+    maxc = torch.maximum(r, g)
+    maxc = torch.maximum(maxc, b, out=maxc)
+    minc = torch.minimum(r, g)
+    minc = torch.minimum(minc, b, out=minc)
     channels_range = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = channels_range / torch.where(eqc, ones, maxc)
-    divisor = torch.where(eqc, ones, channels_range).unsqueeze(-3)
-    rc, gc, bc = ((maxc.unsqueeze(-3) - images) / divisor).unbind(dim=-3)
-    max_is_not_r = maxc != r
-    max_is_g = maxc == g
-    hg = rc.add(2.0).sub_(bc).mul_(max_is_g & max_is_not_r)
-    hr = bc.sub(gc).mul_(~max_is_not_r)
-    hb = gc.add(4.0).sub_(rc).mul_(max_is_not_r & ~max_is_g)
-    h = hr.add_(hg).add_(hb).mul_(1.0 / 6.0).add_(1.0).fmod_(1.0)
-    return torch.stack((h, s, maxc), dim=-3)
-
-
-# For each hue sector, which of (v, p, q, t) becomes r, g and b (torchvision's table, transposed).
-_SECTOR_TO_RGB = ((0, 3, 1), (2, 0, 1), (1, 0, 3), (1, 2, 0), (3, 1, 0), (0, 1, 2))
-
-
-def _hsv_to_rgb(hsv: Tensor) -> Tensor:
-    h, s, v = hsv.unbind(dim=-3)
-    h6 = h.mul(6)
-    sector = torch.floor(h6)
-    f = h6.sub_(sector)
-    sector = sector.to(torch.long).remainder_(6)
-    sxf = s * f
-    one_minus_s = 1.0 - s
-    q = (1.0 - sxf).mul_(v).clamp_(0.0, 1.0)
-    t = sxf.add_(one_minus_s).mul_(v).clamp_(0.0, 1.0)
-    p = one_minus_s.mul_(v).clamp_(0.0, 1.0)
-    vpqt = torch.stack((v, p, q, t), dim=-3)
-    # A table lookup per pixel; embedding is the fastest form of it on CPU (2x a fancy index).
-    select = F.embedding(sector, _constant(_SECTOR_TO_RGB, torch.long, hsv.device)).movedim(-1, -3)
-    return vpqt.gather(-3, select)
-
-
-def _adjust_hue(images: Tensor, hue_factor: Tensor) -> Tensor:
-    """torchvision's ``adjust_hue`` on float RGB, with one hue shift per sample (``(B,)``)."""
-    hsv = _rgb_to_hsv(images)
-    h, s, v = hsv.unbind(dim=-3)
-    h = (h + hue_factor.view(-1, 1, 1)).remainder_(1.0)
-    return _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
+    # Where max == min every numerator below is 0 too: torchvision divides by 1 there to avoid a
+    # NaN, and any positive divisor gives the same 0. (Only a range below float32's smallest
+    # normal number, 1e-38, is changed; the output moves by less than that range.)
+    divisor = channels_range.clamp_min(torch.finfo(images.dtype).tiny).unsqueeze(-3)
+    rc, gc, bc = (maxc.unsqueeze(-3) - images).div_(divisor).unbind(dim=-3)
+    # torchvision sums three masked terms of which one is non-zero; selecting it is the same sum.
+    # sign() of a difference that cannot be negative is an exact 0 / 1 mask (1: not equal) and,
+    # unlike a comparison, a vectorised float kernel; lerp with it is an exact selection.
+    r_is_not_max = torch.sign(maxc - r)
+    g_is_not_max = torch.sign(maxc - g)
+    h_not_r = torch.lerp((rc + 2.0).sub_(bc), (gc + 4.0).sub_(rc), g_is_not_max)
+    h = torch.lerp(bc - gc, h_not_r, r_is_not_max)
+    # fmod(h / 6 + 1, 1), then (h + shift) % 1: both arguments lie within one unit of [0, 1), where
+    # x - floor(x) (frac for the positive first) is the same exact subtraction and several times
+    # faster than fmod / remainder.
+    h = h.mul_(1.0 / 6.0).add_(1.0).frac_().add_(hue_factor.view(-1, 1, 1))
+    h6 = h.sub_(torch.floor(h)).mul_(6.0).unsqueeze(-3)
+    centres = _constant(_CHANNEL_HUES, images.dtype, images.device).view(1, 3, 1, 1)
+    # -clamp(2 - |d - 3|, 0, 1), built in place (in ``out`` when given: the input is read by now).
+    weight = torch.sub(h6, centres, out=out).abs_().sub_(3.0).abs_().sub_(2.0).clamp_(-1.0, 0.0)
+    return torch.addcmul(maxc.unsqueeze(-3), channels_range.unsqueeze(-3), weight, out=weight)
 
 
 @dataclass
@@ -443,42 +510,84 @@ class ColorJitter(Op[ColorJitterParams]):
         return ColorJitterParams(apply, brightness, contrast, saturation, hue, order)
 
     def apply(self, images: Tensor, params: ColorJitterParams) -> Tensor:
+        return self._jitter(images, params, torch.empty_like(images))
+
+    def apply_(self, images: Tensor, params: ColorJitterParams) -> Tensor:
+        return self._jitter(images, params, images)
+
+    def _jitter(self, images: Tensor, params: ColorJitterParams, out: Tensor) -> Tensor:
         _check_rgb(images, "ColorJitter")
         # Brightness, contrast and saturation are the same blend x * f + target * (1 - f) with a
         # different target (black, the mean gray level, the gray image), so one batched blend per
-        # position serves every sample whatever its order; f = 1 leaves a sample exactly as it is
+        # step serves every sample whatever its order; f = 1 leaves a sample exactly as it is
         # (x * 1 + target * 0 == x). Hue is not a blend: rather than run it at each of the four
-        # positions, run the blends that come before each sample's hue, then hue once for the whole
-        # batch, then the blends that come after it.
-        hue_position = (params.order == self._HUE).to(torch.uint8).argmax(dim=1)
+        # positions, run the blends that come before each sample's hue, then hue once, then the
+        # blends that come after it.
+        batch = images.shape[0]
+        is_hue = params.order == self._HUE
+        hue_position = is_hue.to(torch.uint8).argmax(dim=1)
         # Each sample's three blends in its own order: sort its positions with hue's pushed last.
-        positions = torch.arange(4, device=params.order.device)
-        rank = positions + 4 * (params.order == self._HUE)
-        blend_order = params.order.gather(1, rank.argsort(dim=1)[:, :3])
+        rank = torch.arange(4, device=params.order.device) + 4 * is_hue
+        kinds = params.order.gather(1, rank.argsort(dim=1)[:, :3])
+
+        # Samples sorted by hue position, the untouched ones last: those with blend `step` before
+        # their hue are then a suffix of the jittered ones, those with it after a prefix, and each
+        # pass can run on a contiguous slice that holds every sample it changes. On the CPU the
+        # slice bounds are free to read; on an accelerator reading them would block the host, so
+        # there every pass spans the batch and the identity factors leave the others unchanged.
+        group = torch.where(params.apply, hue_position, 4)
+        order = group.argsort(stable=True)
+        group, kinds = group[order, None], kinds[order]
         factors = torch.stack((params.brightness, params.contrast, params.saturation), dim=1)
-        blend_factors = factors.to(images.dtype).gather(1, blend_order)
+        factors = factors[order].to(images.dtype).gather(1, kinds)
+        steps = torch.arange(3, device=group.device)
+        # Per sample and step, (factor, weight of the gray image, weight of its mean) of the pass
+        # before the hue and of the pass after it: identity (1, 0, 0) where the step is elsewhere.
+        passes = []
+        for applies in ((group > steps) & (group < 4), group <= steps):
+            factor = torch.where(applies, factors, 1.0)
+            weight = 1.0 - factor
+            passes.append(
+                (
+                    factor,
+                    torch.where(kinds == self._SATURATION, weight, 0.0),
+                    torch.where(kinds == self._CONTRAST, weight, 0.0),
+                )
+            )
+        tight = _host_reads_are_free(images.device)
+        if tight:
+            ends = torch.bincount(group.squeeze(1), minlength=5).cumsum(0).tolist()
+            starts = [0, *ends[:3]]
+        else:
+            ends, starts = [batch] * 5, [0] * 4
+        jittered = ends[3]
+        x = images.index_select(0, order)
 
-        def blends(x: Tensor, before_hue: bool) -> Tensor:
-            for step in range(3):
-                active = params.apply & ((step < hue_position) if before_hue else (step >= hue_position))
-                factor = torch.where(active, blend_factors[:, step], 1.0)
-                x = self._blend(x, blend_order[:, step], factor)
-            return x
+        def blend(step: int, low: int, high: int, weights: tuple[Tensor, Tensor, Tensor]) -> None:
+            if low < high:
+                self._blend(x[low:high], *(w[low:high, step] for w in weights))
 
-        x = blends(images, before_hue=True)
-        if self._hue_range is not None:
-            x = torch.where(_per_sample(params.apply), _adjust_hue(x, params.hue.to(images.dtype)), x)
-        return blends(x, before_hue=False)
+        for step in range(3):
+            # Blend `step` precedes hue where the hue comes later: hue positions step + 1 to 3.
+            blend(step, starts[step + 1], jittered, passes[0])
+        if self._hue_range is not None and jittered > 0:
+            hued, shift = x[:jittered], params.hue[order[:jittered]].to(images.dtype)
+            if tight:  # the slice only holds jittered samples
+                _adjust_hue(hued, shift, out=hued)
+            else:
+                _choose(group[:jittered, 0] < 4, _adjust_hue(hued, shift), hued, in_place=True)
+        for step in range(3):
+            # Blend `step` follows hue where the hue came at or before it: positions 0 to step.
+            blend(step, 0, ends[step], passes[1])
+        return out.index_copy_(0, order, x)
 
-    def _blend(self, images: Tensor, kind: Tensor, factor: Tensor) -> Tensor:
+    @staticmethod
+    def _blend(images: Tensor, factor: Tensor, gray_weight: Tensor, mean_weight: Tensor) -> None:
+        """``images * factor + gray * gray_weight + mean(gray) * mean_weight``, clamped, in place."""
         gray = _grayscale(images)
-        mean_gray = gray.mean(dim=(-3, -2, -1), keepdim=True)
-        kind = _per_sample(kind)
-        target = torch.where(
-            kind == self._SATURATION, gray, torch.where(kind == self._CONTRAST, mean_gray, 0.0)
-        )
-        factor = _per_sample(factor)
-        return (images * factor).add_(target * (1.0 - factor)).clamp_(0.0, 1.0)
+        mean_target = gray.mean(dim=(-3, -2, -1), keepdim=True).mul_(_per_sample(mean_weight))
+        target = torch.addcmul(mean_target, gray, _per_sample(gray_weight), out=gray)
+        torch.addcmul(target, images, _per_sample(factor), out=images).clamp_(0.0, 1.0)
 
 
 @dataclass
@@ -488,8 +597,14 @@ class RandomGrayscale(_PerSampleCoin):
     p: float = 0.2
 
     def apply(self, images: Tensor, params: MaskParams) -> Tensor:
+        return self._gray(images, params, in_place=False)
+
+    def apply_(self, images: Tensor, params: MaskParams) -> Tensor:
+        return self._gray(images, params, in_place=True)
+
+    def _gray(self, images: Tensor, params: MaskParams, in_place: bool) -> Tensor:
         _check_rgb(images, "RandomGrayscale")
-        return torch.where(_per_sample(params.apply), _grayscale(images).expand_as(images), images)
+        return _apply_where(params.apply, images, lambda x, _: _grayscale(x).expand_as(x), in_place=in_place)
 
 
 @dataclass
@@ -525,13 +640,19 @@ class GaussianBlur(Op[GaussianBlurParams]):
         return GaussianBlurParams(apply=apply, sigma=sigma)
 
     def apply(self, images: Tensor, params: GaussianBlurParams) -> Tensor:
+        return _apply_where(params.apply, images, lambda x, i: self._blur(x, params.sigma[i]), in_place=False)
+
+    def apply_(self, images: Tensor, params: GaussianBlurParams) -> Tensor:
+        return _apply_where(params.apply, images, lambda x, i: self._blur(x, params.sigma[i]), in_place=True)
+
+    def _blur(self, images: Tensor, sigma: Tensor) -> Tensor:
         batch_size, channels, height, width = images.shape
         size = self.kernel_size
         # torchvision's kernel: exp(-x^2 / (2 sigma^2)) on integer offsets, written as a softmax of
         # -(x / sigma)^2 over offsets scaled by 1 / sqrt(2).
         lim = (size - 1) / (2.0 * math.sqrt(2.0))
         offsets = torch.linspace(-lim, lim, steps=size, dtype=images.dtype, device=images.device)
-        sigma = params.sigma.to(images.dtype)[:, None]
+        sigma = sigma.to(images.dtype)[:, None]
         kernel = torch.softmax(offsets.div(sigma).pow(2).neg(), dim=1)  # (B, size)
         kernel = kernel.repeat_interleave(channels, dim=0)  # one filter per (sample, channel)
 
@@ -542,8 +663,7 @@ class GaussianBlur(Op[GaussianBlurParams]):
         groups = batch_size * channels
         planes = F.conv2d(planes, kernel.view(groups, 1, 1, size), groups=groups)
         planes = F.conv2d(planes, kernel.view(groups, 1, size, 1), groups=groups)
-        blurred = planes.view(batch_size, channels, height, width)
-        return torch.where(_per_sample(params.apply), blurred, images)
+        return planes.view(batch_size, channels, height, width)
 
 
 @dataclass
@@ -586,11 +706,19 @@ class Normalize(Op[NoParams]):
         return NoParams()
 
     def apply(self, images: Tensor, params: NoParams) -> Tensor:
+        mean, std = self._statistics(images)
+        return (images - mean).div_(std)
+
+    def apply_(self, images: Tensor, params: NoParams) -> Tensor:
+        mean, std = self._statistics(images)
+        return images.sub_(mean).div_(std)
+
+    def _statistics(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if images.shape[1] != len(self.mean):
             raise ValueError(f"Normalize has {len(self.mean)} channels, the images {images.shape[1]}")
         mean = _constant(self.mean, images.dtype, images.device).view(1, -1, 1, 1)
         std = _constant(self.std, images.dtype, images.device).view(1, -1, 1, 1)
-        return (images - mean) / std
+        return mean, std
 
 
 class Pipeline:
@@ -599,10 +727,53 @@ class Pipeline:
     def __init__(self, ops: Sequence[Op]) -> None:
         self.ops = list(ops)
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        for op in self.ops:
-            images = op(images, generator)
-        return images
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None, copies: int = 1) -> Tensor:
+        """``copies`` independent draws of the pipeline on each image, as one batch of ``copies * B``.
+
+        Copy ``k`` of image ``b`` is row ``k * B + b``. The result equals each op drawing its
+        parameters in turn and being applied to the whole batch, but costs less: a leading
+        :class:`RandomResizedCrop` cuts all copies from the original batch, a
+        :class:`HorizontalFlip` right after it is folded into the crop, the ops work in place on
+        the batches the pipeline made (``apply_``; ``images`` is never written), and on the CPU
+        they run slice by slice through the cache.
+        """
+        if copies < 1:
+            raise ValueError(f"copies must be at least 1, got {copies}")
+        ops = self.ops
+        if ops and isinstance(ops[0], RandomResizedCrop):
+            crop, ops = ops[0], ops[1:]
+            batch, _, height, width = images.shape
+            params = crop.sample_params(copies * batch, height, width, generator, images.device)
+            mirror = None
+            if ops and isinstance(ops[0], HorizontalFlip):
+                flip, ops = ops[0], ops[1:]
+                mirror = flip.sample_params(copies * batch, *crop.size, generator, images.device).apply
+            images = crop.apply(images, params, mirror)
+        elif copies > 1:
+            images = images.repeat(copies, 1, 1, 1)
+        if not ops:
+            return images
+        if len(ops) == len(self.ops) and copies == 1:
+            # The caller's batch: the first op makes a new one that the rest may work on in place.
+            images = ops[0](images, generator)
+            ops = ops[1:]
+        batch, _, height, width = images.shape
+        # Every op draws its parameters for the whole batch first, in order: the stream, and so
+        # the views, do not depend on how the batch is cut below.
+        params = [op.sample_params(batch, height, width, generator, images.device) for op in ops]
+        step = batch
+        if images.device.type == "cpu":
+            # On the CPU, run the ops on slices of the batch small enough to stay in the core's
+            # cache from one op to the next, rather than stream the batch through memory per op.
+            step = max(1, _CACHE_BLOCK // max(images.shape[1:].numel(), 1))
+        blocks, in_place = [], True
+        for start in range(0, batch, step):
+            block = result = images[start:start + step]
+            for op, op_params in zip(ops, params):
+                result = op.apply_(result, _rows(op_params, start, start + step))
+            blocks.append(result)
+            in_place &= result is block
+        return images if in_place else torch.cat(blocks)
 
     def __iter__(self):
         return iter(self.ops)
