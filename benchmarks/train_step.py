@@ -92,15 +92,20 @@ def simclr_step_throughput(device: torch.device, batch_size: int, width: float, 
     return batch_size / statistics.median(times), flops
 
 
+WARMUP_STEPS = 5
+
+
 def _timed_loop(loader, step, steps: int, device: torch.device) -> float:
-    """Images per second over ``steps`` steps (after one warm-up step), data loading included;
-    the loader is run for as many epochs as that takes."""
+    """Images per second over ``steps`` steps (after ``WARMUP_STEPS`` untimed ones: cuDNN's
+    algorithm search and the workers' start), data loading included; the loader is run for as
+    many epochs as that takes."""
     def forever():
         while True:
             yield from loader
 
     batches = forever()
-    step(next(batches))
+    for _ in range(WARMUP_STEPS):
+        step(next(batches))
     _sync(device)
     start, images = time.perf_counter(), 0
     for _ in range(steps):

@@ -80,10 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="set any config key, e.g. --set method_args.temperature=0.2")
     train.add_argument("--json", action="store_true", help="print results as one JSON line")
 
-    evaluate = commands.add_parser("eval", help="evaluate a checkpoint's frozen backbone")
-    evaluate.add_argument("protocol", choices=["knn", "linear"])
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint's backbone: kNN or linear "
+                                   "probe on frozen features, or fine-tuning on a share of labels")
+    evaluate.add_argument("protocol", choices=["knn", "linear", "finetune"])
     evaluate.add_argument("--checkpoint", required=True)
     _add_data_arguments(evaluate)
+    evaluate.add_argument("--labels", metavar="SHARE",
+                          help="finetune: the class-balanced share of the train labels to use: "
+                          "1%%, 10%%, 100%% or a fraction such as 0.1")
+    evaluate.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                          help="set an eval config key, e.g. --set eval.finetune_epochs=10")
     evaluate.add_argument("--no-baseline", action="store_true",
                           help="skip the random-init baseline")
     evaluate.add_argument("--json", action="store_true")
@@ -156,20 +162,63 @@ def _command_train(args: argparse.Namespace) -> dict[str, Any]:
     return train(config)
 
 
+def _label_fraction(args: argparse.Namespace) -> float | None:
+    """``--labels`` as a fraction in (0, 1]: ``10%`` or ``0.1``; given with finetune only."""
+    from selfsup.evaluate import check_label_fraction
+
+    if args.protocol != "finetune":
+        if args.labels is not None:
+            raise ConfigError(f"--labels {args.labels}: only eval finetune uses labels")
+        return None
+    if args.labels is None:
+        raise ConfigError("eval finetune: --labels is required (1%, 10%, 100% or a fraction "
+                          "such as 0.1)")
+    text = args.labels.strip()
+    try:
+        return check_label_fraction(float(text[:-1]) / 100 if text.endswith("%") else float(text))
+    except ValueError:  # not a number, or out of range (ConfigError is a ValueError)
+        raise ConfigError(f"--labels {args.labels!r}: expected a share of the labels in (0, 1]: "
+                          "1%, 10%, 100% or a fraction such as 0.1") from None
+
+
+def _eval_config(config, overrides: list[str], origin: str):
+    """The checkpoint's config with ``--set eval.KEY=VALUE`` applied; other sections would no
+    longer describe the checkpoint's network, so only ``eval`` keys may be set."""
+    from selfsup.config import parse_override, resolve_config, set_dotted
+
+    if not overrides:
+        return config
+    values: dict[str, Any] = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        if path[0] != "eval" or len(path) != 2:
+            raise ConfigError(f"--set {text!r}: eval accepts eval.KEY=VALUE keys only")
+        set_dotted(values, path, value)
+    return resolve_config(config.model_dump(), values, origin=f"{origin} with --set")
+
+
 def _command_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from selfsup.evaluate import evaluate_backbone
+    from selfsup.evaluate import evaluate_backbone, finetune_backbone
     from selfsup.train import build_pretraining_method
 
+    fraction = _label_fraction(args)
     config, info, splits, method = _load_for_eval(args)
+    config = _eval_config(config, args.set, args.checkpoint)
     workers = args.num_workers or 0
+
+    def evaluate(backbone, suffix: str) -> dict[str, Any]:
+        if fraction is not None:
+            return finetune_backbone(backbone, splits, config.eval, fraction,
+                                     seed=config.train.seed, precision=config.train.precision,
+                                     suffix=suffix, num_workers=workers)
+        return evaluate_backbone(backbone, splits, config.eval, [args.protocol],
+                                 seed=config.train.seed, suffix=suffix, num_workers=workers)
+
     results = {"checkpoint": args.checkpoint, "data": args.data or config.data.source}
-    results.update(evaluate_backbone(method.backbone, splits, config.eval, [args.protocol],
-                                     seed=config.train.seed, num_workers=workers))
+    # method.backbone: the online network of momentum methods, the one their papers evaluate.
+    results.update(evaluate(method.backbone, ""))
     if not args.no_baseline:
-        random_init = build_pretraining_method(config, info).backbone
-        results.update(evaluate_backbone(random_init, splits, config.eval, [args.protocol],
-                                         seed=config.train.seed, suffix="_random_init",
-                                         num_workers=workers))
+        results.update(evaluate(build_pretraining_method(config, info).backbone, "_random_init"))
     return results
 
 

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                      PositiveInt)
 
 from selfsup.errors import ConfigError
 
@@ -92,6 +93,12 @@ class EvalConfig(_Section):
     linear_lrs: list[float] = [1e-3, 1e-2]
     linear_weight_decays: list[float] = [0.0, 1e-5, 1e-4, 1e-3]
     batch_size: PositiveInt = 512
+    # Fine-tuning (``selfsup eval finetune``, SimCLR Appendix B.5): learning rates per 256
+    # images, chosen on the validation split, around the paper's 0.05; None epochs: the
+    # paper's 60 for 1% of the labels, 30 for more.
+    finetune_lrs: list[PositiveFloat] = Field([0.01, 0.05, 0.1], min_length=1)
+    finetune_epochs: PositiveInt | None = None
+    finetune_batch_size: PositiveInt = 256
 
 
 class Config(_Section):
