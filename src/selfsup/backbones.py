@@ -8,6 +8,14 @@ things SSL papers change:
   so 32x32 images keep their resolution into ``layer1``;
 - a width multiplier, so the same architecture runs at CPU-demo and unit-test sizes.
 
+Vision Transformers (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words") are torchvision's
+``VisionTransformer`` in the sizes of DeiT (Touvron et al. 2021) that MoCo v3 and DINO train:
+``vit_tiny`` (192 wide, 3 heads), ``vit_small`` (384, 6 heads; ViT-S/16 has 21.7M parameters) and
+``vit_base`` (768, 12 heads), all 12 blocks with MLP ratio 4. Patches are 16 px for 224-px images,
+and 4 px with ``cifar_stem`` (32-px images, so 64 patches: the small-patch CIFAR ViT). The features
+are the CLS token after the final LayerNorm, as MoCo v3 and DINO evaluate. ``width`` scales the
+width per head (heads are kept).
+
 Any other name is handed to timm (``timm.create_model(name, num_classes=0)``) when timm is
 installed, so every timm model is a backbone.
 """
@@ -17,7 +25,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchvision.models import vision_transformer
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from selfsup.errors import ConfigError
@@ -83,25 +93,83 @@ def _build_resnet(name: str, cifar_stem: bool, width: float) -> tuple[nn.Module,
     return model, model.feature_dim
 
 
+# name: (heads, width per head); every size has 12 blocks and an MLP 4 times as wide.
+_VITS: dict[str, tuple[int, int]] = {
+    "vit_tiny": (3, 64),
+    "vit_small": (6, 64),
+    "vit_base": (12, 64),
+}
+
+
+class VisionTransformer(vision_transformer.VisionTransformer):
+    """torchvision's ViT without the classifier: returns the CLS token after the final LayerNorm.
+
+    The position embedding is learnt for ``image_size``; other sizes (multiples of the patch, e.g.
+    multi-crop's small crops) get it resized bicubically, as DINO's ``interpolate_pos_encoding``
+    (Caron et al. 2021) does. ``conv_proj`` is the patch projection that MoCo v3 freezes.
+    """
+
+    def __init__(self, image_size: int, patch_size: int, num_heads: int, hidden_dim: int,
+                 num_layers: int = 12, mlp_ratio: int = 4) -> None:
+        super().__init__(image_size=image_size, patch_size=patch_size, num_layers=num_layers,
+                         num_heads=num_heads, hidden_dim=hidden_dim,
+                         mlp_dim=mlp_ratio * hidden_dim)
+        self.heads = nn.Identity()
+        self.feature_dim = hidden_dim
+
+    def position_embedding(self, grid_height: int, grid_width: int) -> torch.Tensor:
+        """(1, 1 + grid_height * grid_width, hidden): the CLS position, then the patch grid's."""
+        embedding = self.encoder.pos_embedding
+        side = self.image_size // self.patch_size
+        if (grid_height, grid_width) == (side, side):
+            return embedding
+        cls, grid = embedding[:, :1], embedding[:, 1:]
+        grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(grid_height, grid_width), mode="bicubic",
+                             align_corners=False)
+        return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ConfigError(f"a ViT backbone with {self.patch_size}-px patches needs image sides "
+                              f"that are multiples of {self.patch_size} (data.image_size), got "
+                              f"{height}x{width}")
+        patches = self.conv_proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.class_token.expand(x.shape[0], -1, -1), patches], dim=1)
+        tokens = tokens + self.position_embedding(height // self.patch_size,
+                                                  width // self.patch_size)
+        encoder = self.encoder
+        return encoder.ln(encoder.layers(encoder.dropout(tokens)))[:, 0]
+
+
+def _build_vit(name: str, cifar_stem: bool, width: float) -> tuple[nn.Module, int]:
+    heads, head_dim = _VITS[name]
+    hidden_dim = heads * max(1, int(round(head_dim * width)))
+    image_size, patch_size = (32, 4) if cifar_stem else (224, 16)
+    model = VisionTransformer(image_size, patch_size, heads, hidden_dim)
+    return model, model.feature_dim
+
+
 def _build_timm(name: str, cifar_stem: bool, width: float) -> tuple[nn.Module, int]:
     try:
         import timm
     except ImportError as error:
         raise ConfigError(
-            f"backbone.name={name!r} is not one of {sorted(_RESNETS)}; other names are timm "
+            f"backbone.name={name!r} is not one of {backbone_names()}; other names are timm "
             "models, and timm is not installed (pip install 'selfsup[timm]')") from error
     if width != 1.0:
-        raise ConfigError(f"backbone.width={width} applies to the built-in ResNets only, "
+        raise ConfigError(f"backbone.width={width} applies to the built-in networks only, "
                           f"not to the timm model {name!r}")
     if name not in timm.list_models() and not timm.is_model(name):
-        raise ConfigError(f"backbone.name={name!r} is neither a built-in ResNet "
-                          f"({', '.join(sorted(_RESNETS))}) nor a timm model")
+        raise ConfigError(f"backbone.name={name!r} is neither a built-in network "
+                          f"({', '.join(backbone_names())}) nor a timm model")
     model = timm.create_model(name, pretrained=False, num_classes=0)
     return model, int(model.num_features)
 
 
 def backbone_names() -> list[str]:
-    return sorted(_RESNETS)
+    return sorted([*_RESNETS, *_VITS])
 
 
 def build_backbone(name: str, cifar_stem: bool = False, width: float = 1.0
@@ -109,12 +177,15 @@ def build_backbone(name: str, cifar_stem: bool = False, width: float = 1.0
     """Build an encoder that maps (B, 3, H, W) images to (B, feature_dim) features.
 
     Args:
-        name: ``resnet18``, ``resnet34``, ``resnet50``, or any timm model name.
-        cifar_stem: 3x3 stride-1 first conv and no max-pool, for 32x32 inputs.
-        width: channel multiplier of the built-in ResNets (1.0 = the paper's network).
+        name: ``resnet18``, ``resnet34``, ``resnet50``, ``vit_tiny``, ``vit_small``, ``vit_base``,
+            or any timm model name.
+        cifar_stem: for 32x32 inputs: a 3x3 stride-1 first conv and no max-pool (ResNets),
+            4-px patches (ViTs).
+        width: channel multiplier of the built-in networks (1.0 = the paper's network).
     """
     if width <= 0:
         raise ConfigError(f"backbone.width must be > 0, got {width}")
     builder: Callable[[str, bool, float], tuple[nn.Module, int]]
-    builder = _build_resnet if name in _RESNETS else _build_timm
+    builder = (_build_resnet if name in _RESNETS else _build_vit if name in _VITS
+               else _build_timm)
     return builder(name, cifar_stem, width)

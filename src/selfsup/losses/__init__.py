@@ -14,11 +14,13 @@ from selfsup.losses.negative_cosine import (NegativeCosineLoss, NormalizedMSELos
                                             negative_cosine, normalized_mse)
 from selfsup.losses.nt_xent import NTXentLoss, nt_xent
 from selfsup.losses.supcon import SupConLoss, supcon
+from selfsup.losses.swav import SwAVLoss, sinkhorn, swav
 from selfsup.losses.triplet import NPairLoss, TripletLoss, n_pair, triplet
 
 __all__ = [
     "negative_cosine", "NegativeCosineLoss", "normalized_mse", "NormalizedMSELoss",
     "barlow_twins", "BarlowTwinsLoss",
+    "swav", "SwAVLoss", "sinkhorn",
     "info_nce", "InfoNCELoss", "nt_xent", "NTXentLoss",
     "supcon", "SupConLoss",
     "nce", "NCELoss", "memory_bank_softmax", "MemoryBankSoftmaxLoss",
