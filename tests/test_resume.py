@@ -1,5 +1,6 @@
 """Exact resume: a run killed with SIGKILL at random steps and resumed with ``--resume auto``
-ends bitwise equal to the same run made straight, on the CPU.
+ends bitwise equal to the same run made straight, on the CPU (three kills for SimCLR and MoCo v2,
+one for every other method).
 
 Real processes, real kills. Every registered method joins (its state: queues, banks, momentum
 encoders, probe, optimizer, schedule, data position, RNG).
@@ -30,14 +31,16 @@ ARGS = ["--data", "cifar10-sample", "--width", "0.125", "--batch-size", "32",
 
 
 def _small_sizes(method: str) -> list[str]:
-    """CPU-test sizes for any method: widths (``*_dim``) and stores (queues, banks) shrunk, so a
-    new method joins this test without a special case."""
+    """CPU-test sizes for any method: widths (``*_dim``), stores (queues, banks) and multi-crop's
+    local crops shrunk, so a new method joins this test without a special case."""
     overrides = []
     for name, default in _hyper(method).items():
         if name.endswith("_dim") and (default is None or isinstance(default, int)):
             overrides += ["--set", f"method_args.{name}=64"]
         elif name in ("queue_size", "num_negatives") and isinstance(default, int):
             overrides += ["--set", f"method_args.{name}=64"]
+        elif name == "num_local_crops" and isinstance(default, int):
+            overrides += ["--set", f"method_args.{name}=2"]
     return overrides
 
 
@@ -61,8 +64,13 @@ def _state(out: Path) -> dict:
     return load_checkpoint_file(out / "checkpoints" / "last.ckpt")["state_dict"]
 
 
+# The issue's three kills for the two reference methods; one kill at a random step for every
+# other method, which proves the same state round trip at a third of the CI time.
+KILLS = {"simclr": 3, "mocov2": 3}
+
+
 @pytest.mark.parametrize("method", method_names())
-def test_run_killed_three_times_and_resumed_equals_the_straight_run(method, tmp_path):
+def test_run_killed_at_random_steps_and_resumed_equals_the_straight_run(method, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     straight = tmp_path / "straight"
     subprocess.run(_command(method, straight), check=True, env=env, capture_output=True,
@@ -70,7 +78,7 @@ def test_run_killed_three_times_and_resumed_equals_the_straight_run(method, tmp_
 
     killed = tmp_path / "killed"
     rng = random.Random(method)
-    targets = sorted(rng.sample(range(3, MAX_STEPS - 2), 3))
+    targets = sorted(rng.sample(range(3, MAX_STEPS - 2), KILLS.get(method, 1)))
     for target in targets:
         process = subprocess.Popen(_command(method, killed, "--checkpoint-every", "1",
                                             "--resume", "auto"),
