@@ -564,3 +564,19 @@ def test_two_view_losses_on_the_second_of_two_processes_match_their_anchors_of_t
     expected = paper_debiased(z1, z2, 0.1, 0.5, anchor_samples=range(3, 6))
     assert not fake.parts
     assert loss.item() == pytest.approx(expected, rel=REL)
+
+
+def test_supcon_loss_and_gradients_repeat_bitwise_on_the_cpu():
+    # A per-anchor gather of the class sums needed a scatter-add in backward, which CPU threads
+    # add in varying order: SupCon training runs differed in the last bits, then in accuracy.
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(128, 2, 128, generator=generator)
+    labels = torch.randint(0, 10, (128,), generator=generator)
+    runs = []
+    for _ in range(20):
+        leaf = features.clone().requires_grad_(True)
+        loss = supcon(leaf, labels, 0.1)
+        loss.backward()
+        runs.append((loss.detach(), leaf.grad))
+    for loss, grad in runs[1:]:
+        assert torch.equal(loss, runs[0][0]) and torch.equal(grad, runs[0][1])

@@ -69,23 +69,30 @@ def supcon(features: torch.Tensor, labels: torch.Tensor | None = None, temperatu
                                             excluded_key=anchor_positions, block_size=block_size)
     dtype = log_denominator.dtype
 
-    # The positives' logits summed per anchor without the anchor x contrast matrix: the sum of
-    # a_i·k_p over P(i) is a_i·(sum of the keys of i's class) - a_i·(a_i's own key).
+    # The positives' logits without the anchor x contrast matrix, summed per class: for the
+    # anchors i of class c, sum_i sum_{p in P(i)} a_i·k_p = A_c·S_c - sum_i a_i·(i's own key),
+    # with A_c and S_c the sums of the class's anchors and keys. Every anchor of c has
+    # |S_c| - 1 positives, so the means over P(i) add up per class too. Only class sums are
+    # formed (index_add, whose backward is a gather): a per-anchor gather of S_c would need a
+    # scatter-add in backward, which on CPU adds in a thread-dependent order and made SupCon
+    # runs differ in the last bits.
     classes, inverse = torch.unique(torch.cat([contrast_labels, labels]), return_inverse=True)
     contrast_class = inverse[:contrast_labels.numel()].repeat(views)
     anchor_class = inverse[contrast_labels.numel():].repeat(views)
-    contrast = contrast.to(dtype)
-    class_sums = contrast.new_zeros(classes.numel(), contrast.shape[1]).index_add(
-        0, contrast_class, contrast)
-    positive_count = torch.bincount(contrast_class, minlength=classes.numel())[anchor_class] - 1
-    anchors = anchors.to(dtype)
-    positive_logit_sum = (anchors * (class_sums[anchor_class] - contrast[anchor_positions])
-                          ).sum(dim=-1) / temperature
-    # -mean over P(i) of log_prob = lse_i - mean over P(i) of the positive logits.
-    loss_per_anchor = log_denominator - positive_logit_sum / positive_count.clamp(min=1)
-    has_positive = positive_count > 0
-    # torch.where, not a product with the mask: lse is -inf for an anchor with nothing to contrast.
-    loss = (torch.where(has_positive, loss_per_anchor, 0.0).sum()
+    contrast, anchors = contrast.to(dtype), anchors.to(dtype)
+    num_classes, dim = classes.numel(), contrast.shape[1]
+    key_sums = contrast.new_zeros(num_classes, dim).index_add(0, contrast_class, contrast)
+    anchor_sums = anchors.new_zeros(num_classes, dim).index_add(0, anchor_class, anchors)
+    own_logits = (anchors * contrast[anchor_positions]).sum(dim=-1)
+    own_per_class = own_logits.new_zeros(num_classes).index_add(0, anchor_class, own_logits)
+    positives_per_anchor = torch.bincount(contrast_class, minlength=num_classes) - 1
+    class_positive_logits = ((anchor_sums * key_sums).sum(dim=-1) - own_per_class) / temperature
+    class_term = torch.where(positives_per_anchor > 0,
+                             class_positive_logits / positives_per_anchor.clamp(min=1), 0.0)
+    has_positive = positives_per_anchor[anchor_class] > 0
+    # -mean over P(i) of log_prob = lse_i - mean over P(i) of the positive logits. torch.where,
+    # not a product with the mask: lse is -inf for an anchor with nothing to contrast.
+    loss = ((torch.where(has_positive, log_denominator, 0.0).sum() - class_term.sum())
             / has_positive.sum().clamp(min=1))
     if base_temperature is not None:
         loss = loss * (temperature / base_temperature)
