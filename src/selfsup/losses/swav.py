@@ -55,10 +55,14 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3,
     prototypes = q.shape[0]
     samples = q.shape[1] * (world_size() if gather_distributed else 1)
     q /= _all_reduce(q.sum(), gather_distributed=gather_distributed)
+    # A prototype (row) or sample (column) whose kernel underflowed to 0 everywhere (scores far
+    # outside the cosine range) would divide 0 by 0: the sums are kept above the smallest normal.
+    tiny = torch.finfo(dtype).tiny
     for _ in range(iterations):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True), gather_distributed=gather_distributed)
+        q /= _all_reduce(q.sum(dim=1, keepdim=True),
+                         gather_distributed=gather_distributed).clamp_min(tiny)
         q /= prototypes
-        q /= q.sum(dim=0, keepdim=True)
+        q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)
         q /= samples
     return (q * samples).t()
 
