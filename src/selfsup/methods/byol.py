@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field, PositiveInt
 from torch import nn
-from typing_extensions import Annotated
 
 from selfsup.ema import MomentumCopy, cosine_momentum
 from selfsup.heads import ProjectionMLP

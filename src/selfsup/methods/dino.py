@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
-from typing_extensions import Annotated
 
 from selfsup.distributed import gather_no_grad, world_size
 from selfsup.ema import MomentumCopy, cosine_momentum

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
+from typing import Annotated
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import nn
-from typing_extensions import Annotated
 
 from selfsup.distributed import gather_no_grad
 from selfsup.losses import memory_bank_softmax, nce

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
-from typing_extensions import Annotated
 
 from selfsup.methods.base import MethodContext, register_method
 from selfsup.methods.mocov2 import MoCoV2

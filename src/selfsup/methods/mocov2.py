@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
-from typing_extensions import Annotated
 
 from selfsup.distributed import (convert_to_split_batchnorm, gather_no_grad,
                                  shuffle_across_processes, unshuffle_across_processes)

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
-from typing_extensions import Annotated
 
 from selfsup.ema import MomentumCopy, cosine_momentum
 from selfsup.errors import ConfigError

@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import Field, PositiveInt
 from torch import nn
-from typing_extensions import Annotated
 
 from selfsup.heads import ProjectionMLP
 from selfsup.losses import negative_cosine
