@@ -1,7 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
