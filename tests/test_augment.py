@@ -606,3 +606,9 @@ def test_ops_give_the_same_images_with_or_without_host_reads(op, monkeypatch):
     assert torch.equal(op.apply(images, params), on_cpu)
     assert torch.equal(op.apply_(images.clone(), params), on_cpu)
     assert torch.equal(on_cpu_in_place, on_cpu)
+
+
+@pytest.mark.parametrize("scale", [(0.0, 1.0), (0.5, 0.2), (0.5, 1.5)])
+def test_a_crop_scale_outside_zero_to_one_is_refused_naming_it(scale):
+    with pytest.raises(ValueError, match=r"crop scale must satisfy 0 < min <= max <= 1, got"):
+        RandomResizedCrop(32, scale=scale)

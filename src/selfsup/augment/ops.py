@@ -263,8 +263,9 @@ class RandomResizedCrop(Op[CropParams]):
         self.size = (int(self.size[0]), int(self.size[1]))
         if min(self.size) < 1:
             raise ValueError(f"crop output size must be positive, got {self.size}")
-        if not 0.0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"scale must satisfy 0 < min <= max, got {self.scale}")
+        if not 0.0 < self.scale[0] <= self.scale[1] <= 1.0:
+            # Fractions of the image's area: a crop cannot be larger than the image.
+            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         if not 0.0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
 
