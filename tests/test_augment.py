@@ -104,10 +104,11 @@ def test_random_resized_crop_equals_torchvision_resized_crop(image_size, size):
 
 
 def test_random_resized_crop_falls_back_to_torchvision_central_crop():
-    # No box of at least 1.5 times the image area fits, so every attempt fails for every sample.
-    crop = RandomResizedCrop(16, scale=(1.5, 2.0))
+    # No box of 90% of the area with an aspect ratio of 8 to 10 fits in 20 x 50, so every
+    # attempt fails for every sample.
+    crop = RandomResizedCrop(16, scale=(0.9, 1.0), ratio=(8.0, 10.0))
     params = crop.sample_params(64, 20, 50, _generator(0), "cpu")
-    expected = TorchvisionRandomResizedCrop.get_params(torch.zeros(3, 20, 50), [1.5, 2.0], [3 / 4, 4 / 3])
+    expected = TorchvisionRandomResizedCrop.get_params(torch.zeros(3, 20, 50), [0.9, 1.0], [8.0, 10.0])
     ours = set(zip(params.top.tolist(), params.left.tolist(), params.height.tolist(), params.width.tolist()))
     assert ours == {tuple(expected)}
 
