@@ -6,6 +6,7 @@ bfloat16, and an autograd graph that holds no anchor x key matrix."""
 import importlib
 
 import pytest
+from fake_distributed import FakeSecondOfTwoProcesses
 import torch
 import torch.nn.functional as F
 
@@ -172,28 +173,12 @@ def test_losses_pass_float64_gradcheck_with_tiles_that_do_not_divide_the_batch(b
 
 # ---- negatives gathered from all processes -----------------------------------------------------
 
-class _FakeSecondOfTwo:
-    """Rank 1 of 2, as in test_loss_zoo: the collectives return [rank 0's part, this process's].
-    Rank 0's parts (normalised, as the losses gather them) here carry gradient back to rank 0's
-    inputs, so the keys' gradient from the Function is checked too."""
-
-    def __init__(self, monkeypatch, module, rank_zero_parts):
-        self.parts = list(rank_zero_parts)
-        for name, value in [("rank", lambda: 1), ("world_size", lambda: 2),
-                            ("gather_with_grad", self.gather), ("gather_no_grad", self.gather)]:
-            if hasattr(module, name):
-                monkeypatch.setattr(module, name, value)
-
-    def gather(self, local):
-        return torch.cat([self.parts.pop(0).to(local.dtype), local], dim=0)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("block_size", [0, 5])
 def test_nt_xent_on_the_second_of_two_processes_gives_its_anchors_loss_and_all_gradients(
         monkeypatch, block_size, dtype):
     z1, z2 = _leaves(_random(8, 6, seed=18, dtype=dtype), _random(8, 6, seed=19, dtype=dtype))
-    fake = _FakeSecondOfTwo(monkeypatch, importlib.import_module("selfsup.losses.nt_xent"),
+    fake = FakeSecondOfTwoProcesses(monkeypatch, importlib.import_module("selfsup.losses.nt_xent"),
                             [F.normalize(z1[:4], dim=-1), F.normalize(z2[:4], dim=-1)])
     loss = nt_xent(z1[4:], z2[4:], 0.3, gather_distributed=True, block_size=block_size)
     grads = torch.autograd.grad(loss, (z1, z2))
@@ -212,7 +197,7 @@ def test_in_batch_info_nce_on_the_second_of_two_processes_gives_the_keys_their_g
         monkeypatch, block_size):
     q, k = _leaves(_random(10, 4, seed=20, dtype=torch.float64),
                    _random(10, 4, seed=21, dtype=torch.float64))
-    fake = _FakeSecondOfTwo(monkeypatch, importlib.import_module("selfsup.losses.info_nce"),
+    fake = FakeSecondOfTwoProcesses(monkeypatch, importlib.import_module("selfsup.losses.info_nce"),
                             [F.normalize(k[:5], dim=-1)])
     loss = info_nce(q[5:], k[5:], None, 0.2, gather_distributed=True, block_size=block_size)
     grads = torch.autograd.grad(loss, (q, k))
@@ -231,7 +216,7 @@ def test_supcon_on_the_second_of_two_processes_gives_rank_zeros_features_their_g
         monkeypatch, block_size):
     (features,) = _leaves(_random(8, 2, 3, seed=22, dtype=torch.float64))
     labels = torch.tensor([0, 1, 2, 0, 1, 3, 0, 2])
-    fake = _FakeSecondOfTwo(monkeypatch, importlib.import_module("selfsup.losses.supcon"),
+    fake = FakeSecondOfTwoProcesses(monkeypatch, importlib.import_module("selfsup.losses.supcon"),
                             [F.normalize(features[:4], dim=-1), labels[:4]])
     loss = supcon(features[4:], labels[4:], 0.5, gather_distributed=True, block_size=block_size)
     (grad,) = torch.autograd.grad(loss, features)

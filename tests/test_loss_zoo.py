@@ -7,6 +7,7 @@ import importlib
 import math
 
 import pytest
+from fake_distributed import FakeSecondOfTwoProcesses
 import torch
 
 from selfsup.losses import (dino, swav, AlignmentLoss, AlignUniformLoss, DebiasedNTXentLoss, FlatNCELoss,
@@ -528,20 +529,6 @@ def test_gather_distributed_in_one_process_changes_nothing(name):
     assert loss(True).item() == pytest.approx(loss(False).item(), rel=1e-12)
 
 
-class _FakeSecondProcess:
-    """Rank 1 of 2: the collectives return [what rank 0 holds, what this process holds]."""
-
-    def __init__(self, monkeypatch, module, rank_zero_parts):
-        self.parts = list(rank_zero_parts)  # in the order the loss gathers them
-        for name, value in [("rank", lambda: 1), ("world_size", lambda: 2),
-                            ("gather_with_grad", self.gather), ("gather_no_grad", self.gather)]:
-            if hasattr(module, name):
-                monkeypatch.setattr(module, name, value)
-
-    def gather(self, local):
-        return torch.cat([self.parts.pop(0).to(local.dtype), local], dim=0)
-
-
 @pytest.mark.parametrize("labelled", [False, True])
 def test_supcon_on_the_second_of_two_processes_matches_its_anchors_of_the_whole_batch(
         monkeypatch, labelled):
@@ -551,7 +538,7 @@ def test_supcon_on_the_second_of_two_processes_matches_its_anchors_of_the_whole_
     labels = torch.tensor([0, 1, 2, 0, 1, 3, 0, 2])
     local_labels = labels[4:] if labelled else None
     rank_zero_parts = [features[:4]] + ([labels[:4]] if labelled else [])
-    fake = _FakeSecondProcess(monkeypatch, module, rank_zero_parts)
+    fake = FakeSecondOfTwoProcesses(monkeypatch, module, rank_zero_parts)
     loss = supcon(features[4:], local_labels, 0.5, gather_distributed=True)
     expected = paper_supcon(features, labels if labelled else None, 0.5, anchor_samples=range(4, 8))
     assert not fake.parts  # every rank-0 part was gathered
@@ -563,7 +550,7 @@ def test_two_view_losses_on_the_second_of_two_processes_match_their_anchors_of_t
     module = importlib.import_module("selfsup.losses._two_view")
     z1 = torch.nn.functional.normalize(_random(6, 3, seed=42), dim=-1)
     z2 = torch.nn.functional.normalize(_random(6, 3, seed=43), dim=-1)
-    fake = _FakeSecondProcess(monkeypatch, module, [z1[:3], z2[:3]])
+    fake = FakeSecondOfTwoProcesses(monkeypatch, module, [z1[:3], z2[:3]])
     loss = debiased_nt_xent(z1[3:], z2[3:], 0.1, 0.5, gather_distributed=True)
     expected = paper_debiased(z1, z2, 0.1, 0.5, anchor_samples=range(3, 6))
     assert not fake.parts

@@ -8,6 +8,7 @@ import importlib
 import math
 
 import pytest
+from fake_distributed import FakeSecondOfTwoProcesses
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,17 +145,6 @@ def test_barlow_twins_gather_in_one_process_changes_nothing():
         barlow_twins(z_a, z_b).item(), rel=1e-12)
 
 
-class _FakeSecondProcess:
-    """Rank 1 of 2: the gather returns [what rank 0 holds, what this process holds]."""
-
-    def __init__(self, monkeypatch, module, rank_zero_parts):
-        self.parts = list(rank_zero_parts)  # in the order the loss gathers them
-        monkeypatch.setattr(module, "gather_with_grad", self.gather)
-
-    def gather(self, local):
-        return torch.cat([self.parts.pop(0).to(local.dtype), local], dim=0)
-
-
 def test_barlow_twins_on_two_processes_equals_the_full_batch_loss_and_gradient(monkeypatch):
     # The DDP scale bug lightly had: statistics or C per process, or C summed over processes,
     # give a loss (and gradient) that changes with the number of processes. Ours must not.
@@ -164,7 +154,7 @@ def test_barlow_twins_on_two_processes_equals_the_full_batch_loss_and_gradient(m
     full.backward()
 
     module = importlib.import_module("selfsup.losses.barlow_twins")
-    fake = _FakeSecondProcess(monkeypatch, module, [z_a[:4], z_b[:4]])
+    fake = FakeSecondOfTwoProcesses(monkeypatch, module, [z_a[:4], z_b[:4]])
     local_a, local_b = z_a[4:].clone().requires_grad_(), z_b[4:].clone().requires_grad_()
     loss = barlow_twins(local_a, local_b, 5e-3, gather_distributed=True)
     loss.backward()
