@@ -11,7 +11,8 @@ from selfsup.config import OptimConfig
 from selfsup.errors import ConfigError
 from selfsup.evaluate import knn_predict, linear_probe
 from selfsup.heads import ProjectionMLP
-from selfsup.optim import LARS, WarmupCosine, build_optimizer, scaled_learning_rate
+from selfsup.optim import (LARS, WarmupCosine, build_optimizer, scaled_learning_rate,
+                           schedule_weight_decay)
 
 
 @pytest.mark.parametrize("name, dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
@@ -161,3 +162,19 @@ def test_collapse_monitors_tell_a_collapsed_embedding_from_a_healthy_one():
     assert good["effective_rank"] > 40 and bad["effective_rank"] < 1.01
     assert bad["uniformity"] == pytest.approx(0.0, abs=1e-3)  # every point in the same place
     assert good["alignment"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_weight_decay_follows_a_cosine_to_weight_decay_end_and_spares_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    config = OptimConfig(name="adamw", weight_decay=0.04, weight_decay_end=0.4)
+    optimizer = build_optimizer(list(model.named_parameters()), config, 256)
+    for progress, expected in [(0.0, 0.04), (0.5, 0.22), (1.0, 0.4), (0.25, 0.4 - 0.36 * (
+            1 + math.cos(math.pi / 4)) / 2)]:
+        schedule_weight_decay(optimizer, config, progress)
+        decays = sorted(group["weight_decay"] for group in optimizer.param_groups)
+        assert decays[0] == 0.0  # biases and norm weights
+        assert decays[-1] == pytest.approx(expected, rel=1e-12)
+    constant = OptimConfig(weight_decay=1e-4)
+    optimizer = build_optimizer(list(model.named_parameters()), constant, 256)
+    schedule_weight_decay(optimizer, constant, 0.7)
+    assert max(group["weight_decay"] for group in optimizer.param_groups) == 1e-4

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from selfsup.backbones import build_backbone
+from selfsup.checkpoint import load_checkpoint_file
 from selfsup.heads import DINOHead
 from selfsup.losses import DINOLoss, dino
 from selfsup.methods import (Batch, MethodContext, build_method, get_method_class,
@@ -218,10 +219,11 @@ def test_dino_defaults_are_the_papers():
         "norm_last_layer": True, "num_local_crops": 10, "student_temperature": 0.1,
         "teacher_temperature": 0.07, "warmup_teacher_temperature": 0.04,
         "warmup_teacher_temperature_epochs": 30, "center_momentum": 0.9,
-        "base_momentum": 0.996, "freeze_last_layer_epochs": 1.0}
+        "base_momentum": 0.996, "freeze_last_layer_epochs": 1.0, "clip_grad": 3.0}
     cls = get_method_class("dino")
     assert cls.default_optimizer == {"name": "adamw", "lr": 5e-4, "lr_scaling": "linear",
-                                     "weight_decay": 0.04, "warmup_epochs": 10}
+                                     "weight_decay": 0.04, "weight_decay_end": 0.4,
+                                     "warmup_epochs": 10}
     assert cls.views == "dino"
     assert _dino(num_local_crops=6).num_views == 8
 
@@ -322,6 +324,26 @@ def _optimizer_step(method, epoch, seed):
     optimizer.step()
 
 
+def test_dino_clips_each_gradient_tensor_to_norm_3_on_its_own_as_the_reference():
+    method = _dino(freeze_last_layer_epochs=0.0)
+    parameters = [p for p in method.student.parameters() if p.requires_grad]
+    big, small = parameters[0], parameters[1]
+    for parameter in parameters:
+        parameter.grad = torch.zeros_like(parameter)
+    big.grad.fill_(1.0).mul_(10.0 / big.grad.norm())
+    small.grad.fill_(1.0).mul_(0.5 / small.grad.norm())
+    before_small = small.grad.clone()
+    method.on_before_optimizer_step(epoch=2.0)
+    # The reference: clip_coef = clip / (norm + 1e-6), applied only when below 1.
+    assert big.grad.norm().item() == pytest.approx(3.0 * 10.0 / (10.0 + 1e-6), rel=1e-6)
+    assert torch.equal(small.grad, before_small)
+    unclipped = _dino(clip_grad=0.0, freeze_last_layer_epochs=0.0)
+    first = next(p for p in unclipped.student.parameters() if p.requires_grad)
+    first.grad = torch.full_like(first, 100.0)
+    unclipped.on_before_optimizer_step(epoch=2.0)
+    assert torch.equal(first.grad, torch.full_like(first, 100.0))
+
+
 def test_dino_last_layer_is_frozen_in_the_first_epoch_then_moves():
     method = _dino()
     last_layer = method.student[1].last_layer.parametrizations.weight.original1
@@ -366,7 +388,8 @@ def test_dino_cifar10_config_resolves_to_a_small_patch_vit_with_multi_crop():
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "vit_tiny"])
-def test_cli_trains_dino_two_steps_at_tiny_width(backbone, tmp_path):
+def test_cli_trains_dino_two_steps_at_tiny_width_with_the_weight_decay_schedule(backbone,
+                                                                                tmp_path):
     command = [sys.executable, "-m", "selfsup.cli", "train", "--method", "dino",
                "--backbone", backbone, "--max-steps", "2", "--width", "0.125",
                "--batch-size", "16", "--no-eval", "--num-workers", "0",
@@ -374,4 +397,7 @@ def test_cli_trains_dino_two_steps_at_tiny_width(backbone, tmp_path):
                "--set", "eval.monitor_every_n_epochs=0", "--set", "train.progress_bar=false"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    state = load_checkpoint_file(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    # The second (last) step ran at the end of the cosine: 0.4, the paper's final weight decay.
+    decays = {group["weight_decay"] for group in state["optimizer_states"][0]["param_groups"]}
+    assert sorted(decays) == pytest.approx([0.0, 0.4])

@@ -47,6 +47,9 @@ class OptimConfig(_Section):
     lr: float = Field(0.03, gt=0.0)
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
     weight_decay: NonNegativeFloat = 1e-4
+    # None: constant weight decay. A value: the weight decay follows a cosine from
+    # ``weight_decay`` at the first step to this at the last (DINO's 0.04 -> 0.4).
+    weight_decay_end: NonNegativeFloat | None = None
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: NonNegativeFloat = 0.0

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
 
+from selfsup.optim import cosine_between
+
 
 def cosine_momentum(base: float, progress: float, final: float = 1.0) -> float:
     """BYOL's schedule (Grill et al. 2020): ``1 - (1 - base) * (cos(pi * progress) + 1) / 2``."""
-    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+    return cosine_between(base, final, progress)
 
 
 class MomentumCopy(nn.Module):

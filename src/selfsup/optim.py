@@ -79,7 +79,7 @@ def build_optimizer(named_parameters: list[tuple[str, nn.Parameter]], config: Op
         fixed = any(name == p or name.startswith(p + ".") for p in fixed_lr_prefixes)
         groups.setdefault((excluded, fixed), []).append(parameter)
     param_groups = [{"params": params, "weight_decay": 0.0 if excluded else config.weight_decay,
-                     "fixed_lr": fixed, "lars_exclude": excluded and config.name == "lars"}
+                     "decayed": not excluded, "fixed_lr": fixed, "lars_exclude": excluded and config.name == "lars"}
                     for (excluded, fixed), params in sorted(groups.items())]
     if config.name == "lars":
         return LARS(param_groups, lr=lr, momentum=config.momentum,
@@ -87,6 +87,25 @@ def build_optimizer(named_parameters: list[tuple[str, nn.Parameter]], config: Op
     if config.name == "adamw":
         return torch.optim.AdamW(param_groups, lr=lr, betas=config.betas)
     return torch.optim.SGD(param_groups, lr=lr, momentum=config.momentum)
+
+
+def cosine_between(start: float, end: float, progress: float) -> float:
+    """``start`` at progress 0, ``end`` at progress 1, on a half cosine (DINO's
+    ``cosine_scheduler``, BYOL's momentum)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule_weight_decay(optimizer: torch.optim.Optimizer, config: OptimConfig,
+                          progress: float) -> None:
+    """Set the weight decay of the decayed groups for ``progress`` in [0, 1] of training, when
+    ``config.weight_decay_end`` asks for a schedule (biases and norms stay at 0)."""
+    if config.weight_decay_end is None:
+        return
+    value = cosine_between(config.weight_decay, config.weight_decay_end, progress)
+    for group in optimizer.param_groups:
+        if group.get("decayed", True):
+            group["weight_decay"] = value
 
 
 def constant_schedule(step: int) -> float:

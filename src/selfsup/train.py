@@ -34,7 +34,7 @@ from selfsup.evaluate.knn import knn_top1
 from selfsup.evaluate.metrics import collapse_metrics
 from selfsup.methods import Batch, Method, MethodContext, build_method
 from selfsup.optim import (WarmupCosine, build_optimizer, constant_schedule,
-                           scaled_learning_rate)
+                           scaled_learning_rate, schedule_weight_decay)
 
 
 class NonFiniteLossError(SelfSupError):
@@ -227,6 +227,8 @@ class SelfSupervisedModule(L.LightningModule):
                 for parameter in group["params"]:
                     parameter.grad = None
             return
+        schedule_weight_decay(optimizer, self.config.optim,
+                              self.global_step / max(self.total_steps() - 1, 1))
         self.method.on_before_optimizer_step(self.epoch_progress())
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

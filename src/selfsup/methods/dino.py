@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated
 
 import torch
@@ -16,6 +17,17 @@ from selfsup.methods.swav import resolution_groups
 
 # The teacher sees the two global crops, which come first in the `dino` recipe.
 NUM_GLOBAL_CROPS = 2
+
+
+@torch.no_grad()
+def clip_each_gradient(parameters: Iterable[nn.Parameter], max_norm: float) -> None:
+    """Scale every gradient whose own L2 norm exceeds ``max_norm`` down to it (the DINO
+    reference's ``utils.clip_gradients``: per tensor, ``max_norm / (norm + 1e-6)``)."""
+    for parameter in parameters:
+        if parameter.grad is None:
+            continue
+        scale = max_norm / (parameter.grad.norm(2) + 1e-6)
+        parameter.grad.mul_(scale.clamp(max=1.0))
 
 
 @register_method
@@ -44,9 +56,10 @@ class DINO(Method):
     Defaults are the paper's: head 2048 hidden, 256 bottleneck, 65536 outputs, 3 layers, last
     layer normalised; 10 local crops (the paper's 2 x 224 + 10 x 96 multi-crop; the reference's
     default is 8). Optimizer: the paper's AdamW, lr 5e-4 x batch / 256, weight decay 0.04, 10
-    warm-up epochs, cosine. The paper's weight decay rises from 0.04 to 0.4 on a cosine and its
-    gradients are clipped at norm 3; the trainer has neither schedule nor clipping, so the weight
-    decay stays at 0.04 and gradients are not clipped.
+    warm-up epochs, cosine; the weight decay rises from 0.04 to 0.4 on a cosine
+    (``optim.weight_decay_end``). The student's gradients are clipped at norm ``clip_grad`` = 3
+    parameter tensor by parameter tensor, as the reference's ``clip_gradients`` does (each
+    tensor's own norm, not the global one), after the cross-process reduction.
 
     Evaluation uses the TEACHER's backbone: ``backbone`` is the teacher's (the student's is
     ``student[0]``). The paper evaluates the teacher (Section 3.1, "Teacher network": it
@@ -62,7 +75,7 @@ class DINO(Method):
     name = "dino"
     views = "dino"
     default_optimizer = {"name": "adamw", "lr": 5e-4, "lr_scaling": "linear",
-                         "weight_decay": 0.04, "warmup_epochs": 10}
+                         "weight_decay": 0.04, "weight_decay_end": 0.4, "warmup_epochs": 10}
 
     def __init__(self, backbone: nn.Module, context: MethodContext,
                  out_dim: PositiveInt = 65536, hidden_dim: PositiveInt = 2048,
@@ -74,7 +87,8 @@ class DINO(Method):
                  warmup_teacher_temperature_epochs: NonNegativeInt = 30,
                  center_momentum: Annotated[float, Field(ge=0.0, le=1.0)] = 0.9,
                  base_momentum: Annotated[float, Field(ge=0.0, le=1.0)] = 0.996,
-                 freeze_last_layer_epochs: NonNegativeFloat = 1.0) -> None:
+                 freeze_last_layer_epochs: NonNegativeFloat = 1.0,
+                 clip_grad: NonNegativeFloat = 3.0) -> None:
         super().__init__(backbone, context)
         self.num_views = NUM_GLOBAL_CROPS + num_local_crops
         head = DINOHead(context.feature_dim, out_dim, hidden_dim, bottleneck_dim, num_layers,
@@ -90,6 +104,7 @@ class DINO(Method):
         self.center_momentum = center_momentum
         self.base_momentum = base_momentum
         self.freeze_last_layer_epochs = freeze_last_layer_epochs
+        self.clip_grad = clip_grad
         # The m of the latest momentum update (a function of progress, so not checkpointed).
         self.momentum = base_momentum
 
@@ -139,6 +154,8 @@ class DINO(Method):
                           embeddings=list(student_features[:len(global_crops)].split(batch_size)))
 
     def on_before_optimizer_step(self, epoch: float) -> None:
+        if self.clip_grad > 0:
+            clip_each_gradient(self.student.parameters(), self.clip_grad)
         if epoch < self.freeze_last_layer_epochs:
             for parameter in self.student[1].last_layer.parameters():
                 parameter.grad = None
