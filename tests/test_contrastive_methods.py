@@ -96,6 +96,21 @@ def test_invaspread_value_and_gradient_stay_finite_on_degenerate_embeddings(dtyp
     assert torch.isfinite(f.grad.float()).all() and torch.isfinite(f_hat.grad.float()).all()
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_invaspread_gradient_stays_finite_when_an_instance_is_classified_with_certainty(autocast):
+    # Orthogonal features at t = 0.05: P(j | x_j) = e^20 / (e^20 + 7) is 1 in float32, so the
+    # left-out diagonal of the spreading term meets log(1 - 1). A bf16 training run hit the same
+    # (with P rounded to 1 in bf16) and its gradient turned NaN.
+    f = torch.eye(8, 16).requires_grad_(True)
+    f_hat = (torch.eye(8, 16) + 0.1 * torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+             ).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = invaspread(f, f_hat, 0.05)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert torch.isfinite(f.grad).all() and torch.isfinite(f_hat.grad).all()
+
+
 def test_invaspread_rejects_features_of_different_shapes():
     with pytest.raises(ValueError, match="must both be"):
         invaspread(torch.randn(4, 3), torch.randn(5, 3))
@@ -252,9 +267,36 @@ def test_instdisc_defaults_are_the_papers_and_knn_reads_the_bank():
         "bank_momentum": 0.5, "proximal_weight": 30.0}
     method = build_method("instdisc", _tiny_backbone(), _context(num_samples=50), {})
     assert method.num_views == 1 and isinstance(method.projector, nn.Linear)
-    features, labels = method.knn_bank()
-    assert features is method.memory_bank.features and features.shape == (50, 128)
-    assert labels is None
+    bank, encoder = method.knn_bank()
+    assert bank is method.memory_bank.features and bank.shape == (50, 128)
+    x = torch.randn(4, 3, 8, 8)
+    method.eval()
+    expected = F.normalize(method.projector(method.backbone(x)), dim=1)
+    assert torch.allclose(encoder(x), expected, atol=1e-6)
+
+
+def test_knn_against_a_bank_equals_knn_against_the_same_features_encoded_again():
+    """A bank that holds exactly the encoder's features of the training split, row i for sample
+    i, must give the kNN top-1 of re-encoding the split: rows and labels line up."""
+    from selfsup.config import EvalConfig
+    from selfsup.data import load_data
+    from selfsup.evaluate import evaluate_knn_bank, extract_features, knn_top1
+
+    splits = load_data("cifar10-sample", val_fraction=0.5)
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Conv2d(3, 8, 5, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                            nn.Flatten())
+    config = EvalConfig(knn_k=20)
+    train_features, train_labels = extract_features(encoder, splits.train, splits.info)
+    test_features, test_labels = extract_features(encoder, splits.test, splits.info)
+    expected = knn_top1(train_features, train_labels, test_features, test_labels, 10, 20,
+                        config.knn_temperature)
+    results = evaluate_knn_bank(train_features, encoder, splits, config)
+    assert results["knn_bank_top1"] == expected
+    shuffled = train_features[torch.randperm(len(train_features))]
+    assert evaluate_knn_bank(shuffled, encoder, splits, config)["knn_bank_top1"] < expected - 0.05
+    with pytest.raises(ValueError, match="rows for"):
+        evaluate_knn_bank(train_features[:10], encoder, splits, config)
 
 
 # ---- SupCon and the cross-entropy baseline ----------------------------------------------------
@@ -341,3 +383,17 @@ def test_cifar10_config_resolves_to_the_method(method):
     config = resolve_config(read_yaml(path), origin=str(path))
     assert config.method == method
     assert config.backbone.cifar_stem is True
+
+
+def test_trainer_reports_knn_from_instdiscs_memory_bank_beside_the_shared_protocol(tmp_path):
+    from selfsup.train import train
+
+    results = train(resolve_config({
+        "method": "instdisc", "method_args": {"num_noise": 64},
+        "data": {"source": "cifar10-sample", "num_workers": 0, "val_fraction": 0.9},
+        "backbone": {"name": "resnet18", "width": 0.125},
+        "train": {"max_steps": 3, "batch_size": 32, "out": str(tmp_path), "progress_bar": False},
+        "eval": {"monitor_every_n_epochs": 0, "after_training": ["knn"], "knn_k": 20}}))
+    for key in ("knn_bank_top1", "knn_bank_val_top1", "knn_top1"):
+        assert 0.0 <= results[key] <= 1.0, results
+    assert "knn_bank_top1_random_init" not in results  # a random-init network has no bank

@@ -1,8 +1,9 @@
 """Learning tests: on real images (the embedded CIFAR-10 sample), pretraining must lift kNN top-1
 clearly above the same network at random init (same seed, same architecture).
 
-The setting (network, batch, data) is tests/learning.py's, shared by every learning test; SimCLR
-and MoCo v2 here, InvaSpread (and SupCon against SimCLR) in tests/test_learning_contrastive.py.
+The setting (network, batch, data) is tests/learning.py's, shared by every learning test; SimCLR,
+SimCLR v2 and MoCo v2 here, InvaSpread, CMC (and SupCon against SimCLR) in
+tests/test_learning_contrastive.py.
 """
 
 import pytest
@@ -23,4 +24,14 @@ def test_mocov2_lifts_knn_accuracy_above_random_init(tmp_path):
     # holds ~8 batches rather than nearly the whole 4,500-image sample.
     results = pretrain_small(tmp_path, "mocov2", epochs=18, method_args={"queue_size": 1024},
                              optim={"lr": 0.12})
+    assert_lifts_knn_accuracy(results)
+
+
+def test_simclrv2_lifts_knn_accuracy_above_random_init(tmp_path):
+    # SimCLR v2's head and memory buffer, with the buffer and momentum of its CIFAR config (1024
+    # keys here: ~8 batches of the 4,500-image sample; momentum 0.99) and a short warm-up instead
+    # of the paper's 40 epochs. Measured: 33.2% against 27.6% at random init in 5 epochs (4: 32.8%).
+    results = pretrain_small(tmp_path, "simclrv2", epochs=5,
+                             optim={"lr": 1.2, "warmup_epochs": 0.5},
+                             method_args={"queue_size": 1024, "momentum": 0.99})
     assert_lifts_knn_accuracy(results)

@@ -27,3 +27,12 @@ def test_invaspread_lifts_knn_accuracy_above_random_init(tmp_path):
     # The paper's settings (lr 0.03 at batch 128, temperature 0.1, linear head); a larger lr (0.12
     # at batch 128) learned less in the same 6 epochs.
     assert_lifts_knn_accuracy(pretrain_small(tmp_path, "invaspread", epochs=6))
+
+
+def test_cmc_lifts_knn_accuracy_above_random_init(tmp_path):
+    # In-batch negatives (objective=in_batch), the paper's other settings (L and ab, t = 0.07,
+    # lr 0.03 at batch 128): measured 36.8% against 24.7% at random init in 6 epochs. The memory
+    # bank default learned nothing measurable in 6 epochs (24.8%): its entries start random and
+    # each is refreshed once an epoch, so the positives are noise for the whole first epoch.
+    results = pretrain_small(tmp_path, "cmc", epochs=6, method_args={"objective": "in_batch"})
+    assert_lifts_knn_accuracy(results)

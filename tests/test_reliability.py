@@ -101,7 +101,7 @@ def test_resume_refuses_a_checkpoint_of_another_model_naming_what_differs(
     assert "last.ckpt: made by a run with" in err and f"{key} = " in err, err
 
 
-def _register_nan_at(steps: set[int]):
+def _register_nan_at(steps: set[int], in_gradient: bool = False):
     from selfsup.methods import Method, StepOutput, register_method
 
     @register_method
@@ -122,16 +122,22 @@ def _register_nan_at(steps: set[int]):
             step, self.calls = self.calls, self.calls + 1
             self.steps_seen += 1
             loss = self.head(self.backbone(batch.views[0])).square().mean()
+            if step in steps and in_gradient:
+                # A finite value (sqrt(0) = 0) whose gradient is 0 * inf = NaN.
+                return StepOutput(loss + 0.0 * torch.sqrt(loss - loss.detach()),
+                                  logs={"part": loss.detach()})
             return StepOutput(loss * float("nan") if step in steps else loss,
                               logs={"part": loss.detach()})
 
     return NanAtSteps
 
 
-def test_skip_mode_skips_non_finite_steps_leaving_weights_and_buffers_untouched(tmp_path, capsys):
+@pytest.mark.parametrize("in_gradient", [False, True], ids=["loss", "gradient"])
+def test_skip_mode_skips_non_finite_steps_leaving_weights_and_buffers_untouched(tmp_path, capsys,
+                                                                                in_gradient):
     from selfsup.methods import METHODS
 
-    _register_nan_at({2, 3})
+    _register_nan_at({2, 3}, in_gradient)
     try:
         code = main(["train", "--method", "nan_at_steps_test_double", "--out", str(tmp_path),
                      "--max-steps", "5", "--checkpoint-every", "1", "--json", *TINY,
@@ -196,3 +202,19 @@ def test_skip_mode_under_ddp_skips_on_every_process_together_and_then_stops(tmp_
     assert "step skipped (2 of at most 2)" in completed.stderr
     assert "non-finite loss nan at step 3" in completed.stderr
     assert "after skipping 2 such steps" in completed.stderr
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_stops_naming_the_step_and_parameters(
+        tmp_path, capsys):
+    from selfsup.methods import METHODS
+
+    _register_nan_at({2}, in_gradient=True)
+    try:
+        code = main(["train", "--method", "nan_at_steps_test_double", "--out", str(tmp_path),
+                     "--max-steps", "5", *TINY])
+    finally:
+        METHODS.pop("nan_at_steps_test_double")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "non-finite gradient at step 2" in err and "method.backbone.conv1.weight" in err, err
+    assert "last good checkpoint" in err

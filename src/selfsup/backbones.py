@@ -22,6 +22,7 @@ installed, so every timm model is a backbone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -43,15 +44,17 @@ class ResNet(nn.Module):
     """A torchvision-compatible ResNet trunk without the classifier; returns pooled features."""
 
     def __init__(self, block: type[nn.Module], layers: list[int], width: float = 1.0,
-                 cifar_stem: bool = False) -> None:
+                 cifar_stem: bool = False, in_channels: int = 3) -> None:
         super().__init__()
         widths = [max(4, int(round(c * width))) for c in (64, 128, 256, 512)]
         self.inplanes = widths[0]
         if cifar_stem:
-            self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=3, stride=1, padding=1,
+                                   bias=False)
             self.maxpool: nn.Module = nn.Identity()
         else:
-            self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, widths[0], kernel_size=7, stride=2, padding=3,
+                                   bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
@@ -87,9 +90,10 @@ class ResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def _build_resnet(name: str, cifar_stem: bool, width: float) -> tuple[nn.Module, int]:
+def _build_resnet(name: str, cifar_stem: bool, width: float, in_channels: int
+                  ) -> tuple[nn.Module, int]:
     block, layers = _RESNETS[name]
-    model = ResNet(block, layers, width=width, cifar_stem=cifar_stem)
+    model = ResNet(block, layers, width=width, cifar_stem=cifar_stem, in_channels=in_channels)
     return model, model.feature_dim
 
 
@@ -110,10 +114,17 @@ class VisionTransformer(vision_transformer.VisionTransformer):
     """
 
     def __init__(self, image_size: int, patch_size: int, num_heads: int, hidden_dim: int,
-                 num_layers: int = 12, mlp_ratio: int = 4) -> None:
+                 num_layers: int = 12, mlp_ratio: int = 4, in_channels: int = 3) -> None:
         super().__init__(image_size=image_size, patch_size=patch_size, num_layers=num_layers,
                          num_heads=num_heads, hidden_dim=hidden_dim,
                          mlp_dim=mlp_ratio * hidden_dim)
+        if in_channels != 3:
+            # torchvision builds the patch projection for RGB; rebuilt, with its initialisation
+            # (truncated normal of std sqrt(1 / fan_in), zero bias), for other channel counts.
+            self.conv_proj = nn.Conv2d(in_channels, hidden_dim, patch_size, patch_size)
+            fan_in = in_channels * patch_size * patch_size
+            nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / fan_in))
+            nn.init.zeros_(self.conv_proj.bias)
         self.heads = nn.Identity()
         self.feature_dim = hidden_dim
 
@@ -143,15 +154,17 @@ class VisionTransformer(vision_transformer.VisionTransformer):
         return encoder.ln(encoder.layers(encoder.dropout(tokens)))[:, 0]
 
 
-def _build_vit(name: str, cifar_stem: bool, width: float) -> tuple[nn.Module, int]:
+def _build_vit(name: str, cifar_stem: bool, width: float, in_channels: int
+               ) -> tuple[nn.Module, int]:
     heads, head_dim = _VITS[name]
     hidden_dim = heads * max(1, int(round(head_dim * width)))
     image_size, patch_size = (32, 4) if cifar_stem else (224, 16)
-    model = VisionTransformer(image_size, patch_size, heads, hidden_dim)
+    model = VisionTransformer(image_size, patch_size, heads, hidden_dim, in_channels=in_channels)
     return model, model.feature_dim
 
 
-def _build_timm(name: str, cifar_stem: bool, width: float) -> tuple[nn.Module, int]:
+def _build_timm(name: str, cifar_stem: bool, width: float, in_channels: int
+                ) -> tuple[nn.Module, int]:
     try:
         import timm
     except ImportError as error:
@@ -164,7 +177,7 @@ def _build_timm(name: str, cifar_stem: bool, width: float) -> tuple[nn.Module, i
     if name not in timm.list_models() and not timm.is_model(name):
         raise ConfigError(f"backbone.name={name!r} is neither a built-in network "
                           f"({', '.join(backbone_names())}) nor a timm model")
-    model = timm.create_model(name, pretrained=False, num_classes=0)
+    model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels)
     return model, int(model.num_features)
 
 
@@ -172,9 +185,9 @@ def backbone_names() -> list[str]:
     return sorted([*_RESNETS, *_VITS])
 
 
-def build_backbone(name: str, cifar_stem: bool = False, width: float = 1.0
-                   ) -> tuple[nn.Module, int]:
-    """Build an encoder that maps (B, 3, H, W) images to (B, feature_dim) features.
+def build_backbone(name: str, cifar_stem: bool = False, width: float = 1.0,
+                   in_channels: int = 3) -> tuple[nn.Module, int]:
+    """Build an encoder that maps (B, in_channels, H, W) images to (B, feature_dim) features.
 
     Args:
         name: ``resnet18``, ``resnet34``, ``resnet50``, ``vit_tiny``, ``vit_small``, ``vit_base``,
@@ -182,10 +195,14 @@ def build_backbone(name: str, cifar_stem: bool = False, width: float = 1.0
         cifar_stem: for 32x32 inputs: a 3x3 stride-1 first conv and no max-pool (ResNets),
             4-px patches (ViTs).
         width: channel multiplier of the built-in networks (1.0 = the paper's network).
+        in_channels: channels of the input images: 3 for RGB; other counts for methods that
+            encode a subset of channels (CMC's one encoder per colour channel group).
     """
     if width <= 0:
         raise ConfigError(f"backbone.width must be > 0, got {width}")
-    builder: Callable[[str, bool, float], tuple[nn.Module, int]]
+    if in_channels < 1:
+        raise ValueError(f"a backbone needs at least one input channel, got {in_channels}")
+    builder: Callable[[str, bool, float, int], tuple[nn.Module, int]]
     builder = (_build_resnet if name in _RESNETS else _build_vit if name in _VITS
                else _build_timm)
-    return builder(name, cifar_stem, width)
+    return builder(name, cifar_stem, width, in_channels)

@@ -1,4 +1,4 @@
-"""The ``selfsup`` command: train, eval, embed, export, methods, check-data.
+"""The ``selfsup`` command: train, eval, distill, embed, export, methods, check-data.
 
 Errors raised on purpose (``SelfSupError``) are printed as one line naming the file, key or value
 at fault, with exit status 2; ``--json`` makes the last line of stdout one JSON object.
@@ -92,7 +92,39 @@ def build_parser() -> argparse.ArgumentParser:
                           help="set an eval config key, e.g. --set eval.finetune_epochs=10")
     evaluate.add_argument("--no-baseline", action="store_true",
                           help="skip the random-init baseline")
+    evaluate.add_argument("--out", metavar="FILE.pt",
+                          help="finetune: write the chosen classifier there (the teacher of "
+                          "selfsup distill)")
     evaluate.add_argument("--json", action="store_true")
+
+    distill = commands.add_parser(
+        "distill", help="distil a fine-tuned classifier into a student on the unlabeled train "
+        "images (SimCLR v2's self-distillation)")
+    distill.add_argument("--teacher", required=True, metavar="FILE.pt",
+                         help="a classifier written by selfsup eval finetune --out (or distill)")
+    distill.add_argument("--out", required=True, metavar="DIR",
+                         help="writes DIR/student.pt (a classifier file) and DIR/results.json")
+    distill.add_argument("--data", help="another copy of the teacher's dataset (default: the "
+                         "teacher's)")
+    distill.add_argument("--backbone", help="student backbone (default: the teacher's)")
+    distill.add_argument("--width", type=float, help="student width (default: the teacher's)")
+    distill.add_argument("--epochs", type=int, help="default 400 (the paper's)")
+    distill.add_argument("--batch-size", type=int,
+                         help="default: the teacher's pretraining batch, as the paper")
+    distill.add_argument("--lrs", type=float, nargs="+", metavar="LR",
+                         help="learning rates per 256 images (square-root scaled, LARS) to "
+                         "choose from on the validation split; default 0.8 1.6 3.2")
+    distill.add_argument("--temperature", type=float,
+                         help="default 0.1 for the teacher's architecture, 1.0 for another")
+    distill.add_argument("--alpha", type=float, default=1.0,
+                         help="weight of the distillation loss; 1 - alpha weighs the "
+                         "cross-entropy on the teacher's labelled subset (default 1)")
+    distill.add_argument("--seed", type=int)
+    distill.add_argument("--precision", choices=["32", "bf16"])
+    distill.add_argument("--num-workers", type=int, help="data loader worker processes")
+    distill.add_argument("--overwrite", action="store_true",
+                         help="replace an earlier distillation's student.pt and results.json")
+    distill.add_argument("--json", action="store_true")
 
     embed = commands.add_parser("embed", help="write backbone features of a dataset to .npy")
     embed.add_argument("--checkpoint", required=True)
@@ -202,24 +234,40 @@ def _command_eval(args: argparse.Namespace) -> dict[str, Any]:
     from selfsup.train import build_pretraining_method
 
     fraction = _label_fraction(args)
+    if args.out is not None and fraction is None:
+        raise ConfigError(f"--out {args.out}: only eval finetune writes a classifier")
     config, info, splits, method = _load_for_eval(args)
     config = _eval_config(config, args.set, args.checkpoint)
     workers = args.num_workers or 0
 
-    def evaluate(backbone, suffix: str) -> dict[str, Any]:
+    def evaluate(method, suffix: str, out: str | None = None) -> dict[str, Any]:
         if fraction is not None:
-            return finetune_backbone(backbone, splits, config.eval, fraction,
-                                     seed=config.train.seed, precision=config.train.precision,
-                                     suffix=suffix, num_workers=workers)
-        return evaluate_backbone(backbone, splits, config.eval, [args.protocol],
+            # What the method's paper fine-tunes: the backbone, or more (SimCLR v2).
+            return finetune_backbone(method.finetune_encoder(fraction), splits, config.eval,
+                                     fraction, seed=config.train.seed,
+                                     precision=config.train.precision, suffix=suffix,
+                                     num_workers=workers, classifier_out=out,
+                                     pretraining={"config": config.model_dump(mode="json"),
+                                                  "data_info": info})
+        # method.backbone: the online network of momentum methods, the one their papers evaluate.
+        return evaluate_backbone(method.backbone, splits, config.eval, [args.protocol],
                                  seed=config.train.seed, suffix=suffix, num_workers=workers)
 
     results = {"checkpoint": args.checkpoint, "data": args.data or config.data.source}
-    # method.backbone: the online network of momentum methods, the one their papers evaluate.
-    results.update(evaluate(method.backbone, ""))
+    results.update(evaluate(method, "", args.out))
     if not args.no_baseline:
-        results.update(evaluate(build_pretraining_method(config, info).backbone, "_random_init"))
+        results.update(evaluate(build_pretraining_method(config, info), "_random_init"))
     return results
+
+
+def _command_distill(args: argparse.Namespace) -> dict[str, Any]:
+    from selfsup.evaluate.distill import distill_classifier_file
+
+    return distill_classifier_file(
+        args.teacher, args.out, data=args.data, backbone=args.backbone, width=args.width,
+        temperature=args.temperature, alpha=args.alpha, lrs=args.lrs, epochs=args.epochs,
+        batch_size=args.batch_size, seed=args.seed, precision=args.precision,
+        num_workers=args.num_workers or 0, overwrite=args.overwrite)
 
 
 def _command_embed(args: argparse.Namespace) -> dict[str, Any]:
@@ -306,7 +354,7 @@ def _print_results(results: dict[str, Any]) -> None:
         baseline = results.get(f"{key}_random_init")
         baseline_text = f"{baseline:12.4f}" if baseline is not None else f"{'':12s}"
         print(f"{key:22s} {results[key]:11.4f} {baseline_text}")
-    for key in ("checkpoint", "loss_plot"):
+    for key in ("checkpoint", "loss_plot", "classifier", "student"):
         if key in results:
             print(f"{key}: {results[key]}")
 
@@ -320,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("lightning").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-        handler = {"train": _command_train, "eval": _command_eval, "embed": _command_embed,
+        handler = {"train": _command_train, "eval": _command_eval,
+                   "distill": _command_distill, "embed": _command_embed,
                    "export": _command_export, "methods": _command_methods,
                    "check-data": _command_check_data}[args.command]
         results = handler(args)

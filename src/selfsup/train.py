@@ -7,6 +7,7 @@ features it returns, and calls ``method.on_after_optimizer_step`` after every op
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -63,11 +64,15 @@ def build_pretraining_method(config: Config, info: dict[str, Any]) -> Method:
     """The method with its backbone, initialised from ``config.train.seed`` (so that a second
     call gives the same random-init network: the baseline of every evaluation)."""
     L.seed_everything(config.train.seed, workers=True, verbose=False)
-    backbone, feature_dim = build_backbone(config.backbone.name,
-                                           cifar_stem=resolved_cifar_stem(config, info),
-                                           width=config.backbone.width)
+    # The configured architecture for any number of input channels (a partial, not a closure, so
+    # the method stays picklable); the backbone itself is the RGB one.
+    backbone_factory = functools.partial(build_backbone, config.backbone.name,
+                                         resolved_cifar_stem(config, info), config.backbone.width)
+    backbone, feature_dim = backbone_factory(3)
     context = MethodContext(feature_dim=feature_dim, num_samples=info["num_train"],
-                            num_classes=info["num_classes"], image_size=info["image_size"])
+                            num_classes=info["num_classes"], image_size=info["image_size"],
+                            image_mean=tuple(info["mean"]), image_std=tuple(info["std"]),
+                            backbone_factory=backbone_factory)
     return build_method(config.method, backbone, context, config.method_args)
 
 
@@ -122,6 +127,7 @@ class SelfSupervisedModule(L.LightningModule):
         self._monitor_outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.register_buffer("nonfinite_skips", torch.zeros((), dtype=torch.long))
         self._skip_update = False
+        self._saved_buffers: dict[str, torch.Tensor] = {}
 
     # -- optimisation ---------------------------------------------------------------------------
     def total_steps(self) -> int:
@@ -178,26 +184,15 @@ class SelfSupervisedModule(L.LightningModule):
                                                  self.epoch_progress()))
         loss = output.loss
         # Every process must take the same decision, or DDP's gradient reduction would hang.
+        self._saved_buffers = saved_buffers
         finite = bool(gather_no_grad(torch.isfinite(loss.detach()).reshape(1)).all())
         if not finite:
             parts = {k: float(v) for k, v in output.logs.items()}
-            where = (f"non-finite loss {loss.item()} at step {self.global_step} (parts: {parts})")
-            if int(self.nonfinite_skips) < self.config.train.max_nonfinite_skips:
-                with torch.no_grad():
-                    for name, buffer in self.method.named_buffers():
-                        buffer.copy_(saved_buffers[name])
-                self.nonfinite_skips += 1
-                self._skip_update = True
-                rank_zero_warn(f"selfsup: {where}: step skipped ({int(self.nonfinite_skips)} of "
-                               f"at most {self.config.train.max_nonfinite_skips})")
-                # Not None: under DDP every process must still run a backward that reaches
-                # every parameter. Its zero gradients are then dropped before the update.
-                return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
-            skipped = (f" after skipping {int(self.nonfinite_skips)} such steps"
-                       if may_skip else "")
-            raise NonFiniteLossError(
-                f"{where}{skipped}; the last good checkpoint is in "
-                f"{Path(self.config.train.out) / 'checkpoints'}")
+            self._skip_or_stop(f"non-finite loss {loss.item()} at step {self.global_step} "
+                               f"(parts: {parts})")
+            # Not None: under DDP every process must still run a backward that reaches every
+            # parameter. Its zero gradients are then dropped before the update.
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         logs = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in output.logs.items()}}
         if output.embeddings and self.global_step % self.config.train.log_every == 0:
             logs.update({f"train/{k}": v for k, v in collapse_metrics(output.embeddings).items()})
@@ -215,11 +210,45 @@ class SelfSupervisedModule(L.LightningModule):
         self.log("loss", output.loss.detach(), prog_bar=True, on_step=True, logger=False)
         return loss
 
+    def _skip_or_stop(self, where: str) -> None:
+        """A non-finite step: in skip mode (``train.max_nonfinite_skips``), undo what it wrote to
+        the buffers and mark it skipped; past the allowance, or without skip mode, stop."""
+        allowed = self.config.train.max_nonfinite_skips
+        if int(self.nonfinite_skips) < allowed:
+            with torch.no_grad():
+                for name, buffer in self.method.named_buffers():
+                    buffer.copy_(self._saved_buffers[name])
+            self.nonfinite_skips += 1
+            self._skip_update = True
+            rank_zero_warn(f"selfsup: {where}: step skipped ({int(self.nonfinite_skips)} of "
+                           f"at most {allowed})")
+            return
+        skipped = f" after skipping {int(self.nonfinite_skips)} such steps" if allowed else ""
+        raise NonFiniteLossError(f"{where}{skipped}; the last good checkpoint is in "
+                                 f"{Path(self.config.train.out) / 'checkpoints'}")
+
+    def _check_gradients(self) -> None:
+        """A finite loss can still have a non-finite gradient (log(1 - p) at p = 1, an overflow
+        in bf16), which one update would spread to every weight. After DDP's reduction every
+        process holds the same gradients, so all take the same decision without a collective."""
+        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if not named:
+            return
+        # One fused norm per tensor (as clip_grad_norm_ does): inf or NaN where any entry is.
+        norms = torch.stack(torch._foreach_norm([g for _, g in named]))
+        bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+        if bad:
+            names = ", ".join(named[i][0] for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            self._skip_or_stop(f"non-finite gradient at step {self.global_step} in {len(bad)} "
+                               f"parameter tensors ({names}) with a finite loss")
+
     def epoch_progress(self) -> float:
         """The current step counted in epochs (``Batch.epoch``)."""
         return self.global_step / self.steps_per_epoch
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._skip_update:
+            self._check_gradients()
         if self._skip_update:
             # No gradient, no update: SGD, LARS and AdamW leave such parameters, and their
             # momentum and weight decay, untouched.
@@ -362,7 +391,7 @@ def train(config: Config) -> dict[str, Any]:
     Returns the results (also written to ``OUT/results.json``); ``OUT/checkpoints/last.ckpt`` holds
     the final state.
     """
-    from selfsup.evaluate import evaluate_backbone
+    from selfsup.evaluate import evaluate_backbone, evaluate_knn_bank
 
     # -- output-folder guard (selfsup.outputs): never train over an earlier run by accident ----
     from selfsup.outputs import prepare_out_dir
@@ -450,6 +479,9 @@ def train(config: Config) -> dict[str, Any]:
         random_init = build_pretraining_method(config, info).backbone
         results.update(evaluate_backbone(trained, splits, config.eval, protocols,
                                          seed=config.train.seed, skips=skips))
+        bank = module.method.knn_bank()
+        if bank is not None and "knn" in protocols:
+            results.update(evaluate_knn_bank(*bank, splits, config.eval, skips=skips))
         results.update(evaluate_backbone(random_init, splits, config.eval, protocols,
                                          seed=config.train.seed, suffix="_random_init",
                                          skips=skips))

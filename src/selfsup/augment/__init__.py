@@ -15,6 +15,7 @@ from .ops import (
     RandomGrayscale,
     RandomResizedCrop,
     Solarize,
+    rgb_to_lab,
 )
 from .recipes import RECIPES, ViewGenerator, ViewGroup, build_view_generator, recipe_names
 
@@ -33,4 +34,5 @@ __all__ = [
     "ViewGroup",
     "build_view_generator",
     "recipe_names",
+    "rgb_to_lab",
 ]

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ChannelParams",
+    "ColorDrop",
     "ColorJitter",
     "ColorJitterParams",
     "CropParams",
@@ -47,6 +49,7 @@ __all__ = [
     "RandomGrayscale",
     "RandomResizedCrop",
     "Solarize",
+    "rgb_to_lab",
 ]
 
 P = TypeVar("P")
@@ -163,6 +166,46 @@ def _grayscale(images: Tensor) -> Tensor:
     """Luma ``(B, 1, H, W)``, in the same floating-point order as torchvision's kernel."""
     r, g, b = images.unbind(dim=-3)
     return r.mul(_LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(-3)
+
+
+# Linear sRGB to CIE XYZ (sRGB primaries, D65), the matrix of scikit-image's ``rgb2lab``, which
+# the CMC code (Tian et al. 2019) calls; the white point is the XYZ of sRGB white (its row sums),
+# D65 as that matrix gives it, so greys come out with a = b = 0 exactly.
+_SRGB_TO_XYZ = ((0.412453, 0.357580, 0.180423),
+                (0.212671, 0.715160, 0.072169),
+                (0.019334, 0.119193, 0.950227))
+_D65_WHITE = tuple(sum(row) for row in _SRGB_TO_XYZ)
+# CIE 1976: f(t) = t^(1/3) above (6/29)^3, the tangent line t / (3 (6/29)^2) + 4/29 below.
+_LAB_EPSILON = (6 / 29) ** 3
+_LAB_SLOPE = 1 / (3 * (6 / 29) ** 2)
+
+
+def rgb_to_lab(images: Tensor) -> Tensor:
+    """CIE 1976 L*a*b* (D65) of sRGB images ``(..., 3, H, W)`` with values in ``[0, 1]``.
+
+    The sRGB transfer curve is undone (IEC 61966-2-1: c / 12.92 up to 0.04045, else
+    ((c + 0.055) / 1.055)^2.4), the linear values go to XYZ and are divided by the white point,
+    then L = 116 f(Y) - 16, a = 500 (f(X) - f(Y)), b = 200 (f(Y) - f(Z)). L lies in [0, 100];
+    over the sRGB gamut a lies in about [-86.2, 98.2] and b in [-107.9, 94.5].
+
+    Computed with elementwise ops in float32 at least (float64 stays float64): no matmul that
+    autocast would lower to bf16. Values outside [0, 1] (rounding after un-normalising) are
+    clamped to the gamut first.
+    """
+    if images.ndim < 3 or images.shape[-3] != 3:
+        raise ValueError(f"rgb_to_lab expects RGB images shaped (..., 3, H, W), "
+                         f"got {tuple(images.shape)}")
+    rgb = images.to(torch.promote_types(images.dtype, torch.float32)).clamp(0.0, 1.0)
+    linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055).pow(2.4))
+    red, green, blue = linear.unbind(dim=-3)
+    f = []
+    for row, white in zip(_SRGB_TO_XYZ, _D65_WHITE):
+        t = (red * row[0] + green * row[1] + blue * row[2]) / white
+        # The clamp keeps the cube root's unused branch away from values it need not see.
+        f.append(torch.where(t > _LAB_EPSILON, t.clamp(min=_LAB_EPSILON).pow(1 / 3),
+                             t * _LAB_SLOPE + 4 / 29))
+    fx, fy, fz = f
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
 
 
 @dataclass(frozen=True)
@@ -680,6 +723,52 @@ class Solarize(_PerSampleCoin):
     def apply(self, images: Tensor, params: MaskParams) -> Tensor:
         invert = _per_sample(params.apply) & (images >= self.threshold)
         return torch.where(invert, 1.0 - images, images)
+
+
+@dataclass(frozen=True)
+class ChannelParams:
+    """Which samples an op applies to (bool ``(B,)``) and the channel each keeps (int64 ``(B,)``)."""
+
+    apply: Tensor
+    channel: Tensor
+
+
+@dataclass
+class ColorDrop(Op[ChannelParams]):
+    """With probability ``p``, keep one colour channel, drawn uniformly, and set the other two to
+    ``fill``.
+
+    The "color dropping" of CPC v2 (Hénaff et al. 2020, "Data-Efficient Image Recognition with
+    Contrastive Predictive Coding", ICML, Section 4.1), applied to every patch, after Doersch et
+    al. (2015): with one channel left, a patch's colour no longer identifies its neighbours, so
+    the prediction task cannot be solved from low-level colour statistics. On normalised inputs
+    ``fill = 0`` is the dataset's mean.
+    """
+
+    p: float = 1.0
+    fill: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_probability(self.p)
+
+    def sample_params(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | None,
+        device: torch.device | str | None,
+    ) -> ChannelParams:
+        apply = _bernoulli(batch_size, self.p, generator, device)
+        # floor(3 U) with U in [0, 1): each channel with probability 1/3.
+        channel = (_rand((batch_size,), generator, device) * 3).long().clamp_(max=2)
+        return ChannelParams(apply=apply, channel=channel)
+
+    def apply(self, images: Tensor, params: ChannelParams) -> Tensor:
+        _check_rgb(images, "ColorDrop")
+        channels = torch.arange(3, device=images.device)
+        keep = (channels[None, :] == params.channel[:, None]) | ~params.apply[:, None]
+        return torch.where(keep[:, :, None, None], images, images.new_tensor(self.fill))
 
 
 @dataclass

@@ -191,6 +191,45 @@ def supcon(image_size: int, mean: Sequence[float], std: Sequence[float], num_vie
     )
 
 
+def cpc(image_size: int, mean: Sequence[float], std: Sequence[float], num_views: int) -> list[ViewGroup]:
+    """CPC's image-level augmentation (van den Oord et al. 2018, "Representation Learning with
+    Contrastive Predictive Coding", Section 3.3): a random 256-px crop of the image resized to
+    300 px, i.e. a square box of (256/300)^2 of the area at a random place, resized back to
+    ``image_size``; and a horizontal flip with p = 0.5. Colour is left alone here: CPC v2
+    (Hénaff et al. 2020) drops colour channels per patch, inside the method (``cpc``), since the
+    patches of one image must differ in it."""
+    side = 256 / 300
+    return _one_group(
+        Pipeline(
+            [
+                RandomResizedCrop(image_size, scale=(side**2, side**2), ratio=(1.0, 1.0)),
+                HorizontalFlip(p=0.5),
+                Normalize(mean, std),
+            ]
+        ),
+        num_views,
+    )
+
+
+def cmc(image_size: int, mean: Sequence[float], std: Sequence[float], num_views: int) -> list[ViewGroup]:
+    """CMC (Tian et al. 2019, "Contrastive Multiview Coding", ECCV 2020), as the authors' code
+    (HobbitLong/CMC, ``train_CMC.py``): crop scale (0.2, 1) (``crop_low``, 0.2 by default; the
+    code lowers it to 0.08 for its full-ImageNet ResNets), horizontal flip, no colour jitter, no
+    grayscale and no blur. The views are colour channels of one crop (L and ab of Lab), split by
+    the method, so colour is what the views predict from one another: grayscale would leave the
+    ab view empty. The images stay RGB here (normalised); the method converts them to Lab."""
+    return _one_group(
+        Pipeline(
+            [
+                RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+                HorizontalFlip(p=0.5),
+                Normalize(mean, std),
+            ]
+        ),
+        num_views,
+    )
+
+
 def evaluation(image_size: int, mean: Sequence[float], std: Sequence[float], num_views: int) -> list[ViewGroup]:
     """No randomness: the images, already at ``image_size``, are only normalised."""
     return _one_group(Pipeline([Normalize(mean, std)]), num_views)
@@ -318,6 +357,8 @@ RECIPES: dict[str, RecipeBuilder] = {
     "byol": byol,
     "swav": swav,
     "dino": dino,
+    "cpc": cpc,
+    "cmc": cmc,
     "eval": evaluation,
 }
 

@@ -6,6 +6,7 @@ from selfsup.losses.alignment_uniformity import (AlignmentLoss, AlignUniformLoss
 from selfsup.losses.barlow_twins import BarlowTwinsLoss, barlow_twins
 from selfsup.losses.debiased import DebiasedNTXentLoss, debiased_nt_xent
 from selfsup.losses.dino import DINOLoss, dino
+from selfsup.losses.distillation import DistillationLoss, distillation
 from selfsup.losses.flat_nce import FlatNCELoss, flat_nce
 from selfsup.losses.hard_negative import HardNegativeNTXentLoss, hard_negative_nt_xent
 from selfsup.losses.info_nce import InfoNCELoss, info_nce
@@ -23,6 +24,7 @@ __all__ = [
     "barlow_twins", "BarlowTwinsLoss",
     "swav", "SwAVLoss", "sinkhorn",
     "dino", "DINOLoss",
+    "distillation", "DistillationLoss",
     "info_nce", "InfoNCELoss", "nt_xent", "NTXentLoss",
     "supcon", "SupConLoss",
     "nce", "NCELoss", "memory_bank_softmax", "MemoryBankSoftmaxLoss",

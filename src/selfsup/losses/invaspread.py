@@ -45,6 +45,16 @@ def invaspread(features: torch.Tensor, augmented_features: torch.Tensor,
     if features.shape != augmented_features.shape or features.dim() != 2:
         raise ValueError(f"features and augmented_features must both be (m, D), got "
                          f"{tuple(features.shape)} and {tuple(augmented_features.shape)}")
+    # In float32 (or float64) whatever the autocast: in bf16, f_i·f_j / t at t = 0.1 carries errors of ~0.05,
+    # which the spreading term's log(1 - P) amplifies where P is near 1/2.
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    with torch.autocast(features.device.type, enabled=False):
+        return _invaspread(features.to(dtype), augmented_features.to(dtype), temperature,
+                           gather_distributed)
+
+
+def _invaspread(features: torch.Tensor, augmented_features: torch.Tensor, temperature: float,
+                gather_distributed: bool) -> torch.Tensor:
     features = F.normalize(features, dim=-1)
     augmented_features = F.normalize(augmented_features, dim=-1)
     everyone = gather_with_grad(features) if gather_distributed else features
@@ -59,12 +69,13 @@ def invaspread(features: torch.Tensor, augmented_features: torch.Tensor,
     # Spreading: row j holds log P(i | x_j) for every instance i; the entry i = j is left out.
     logits = features @ everyone.transpose(0, 1) / temperature
     log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    log_not_p = torch.log1p(-torch.exp(log_p))
-    others = torch.ones_like(log_not_p, dtype=torch.bool)
+    others = torch.ones_like(log_p, dtype=torch.bool)
     others[local, own] = False
-    # torch.where, not a product with the mask, so no 0 * inf can arise on the diagonal.
-    spreading = torch.where(others, log_not_p, 0.0).sum(dim=1)
-    return -(log_p_invariant + spreading).mean()
+    # Masked before log1p, not after: P(j | x_j) on the left-out diagonal can be 1 in floating
+    # point (a confident instance), and log1p's gradient there, inf, times a where's zero would
+    # be NaN. exp(-inf) = 0 gives log(1 - 0) = 0 and a zero gradient.
+    log_not_p = torch.log1p(-torch.exp(log_p.masked_fill(~others, float("-inf"))))
+    return -(log_p_invariant + log_not_p.sum(dim=1)).mean()
 
 
 class InvaSpreadLoss(nn.Module):

@@ -12,6 +12,8 @@ A method is an ``nn.Module`` with
 - ``on_before_optimizer_step(epoch)``: after backward, before the step: cancel gradients (SwAV's
   prototypes in the first epoch);
 - ``on_after_optimizer_step(progress)``: momentum updates, schedules (progress in [0, 1]);
+- ``finetune_encoder(label_fraction)``: what fine-tuning trains under its linear head (the
+  backbone, unless the method's paper says otherwise: SimCLR v2 keeps a projection-head layer);
 - ``state_dict()``: everything needed to resume exactly (queues, banks, EMA weights are persistent
   buffers or submodules).
 
@@ -35,14 +37,29 @@ from torch import nn
 from selfsup.errors import ConfigError
 
 
+# ``factory(in_channels) -> (module, feature_dim)``: a fresh, randomly initialised encoder of the
+# configured architecture (name, stem, width) for images of ``in_channels`` channels.
+BackboneFactory = Callable[[int], tuple[nn.Module, int]]
+
+
 @dataclass
 class MethodContext:
-    """What a method may need to know about the encoder and the data when it is built."""
+    """What a method may need to know about the encoder and the data when it is built.
+
+    ``image_mean`` / ``image_std``: the per-channel normalisation, in [0, 1] units, of the images
+    the backbone receives (``(pixel - mean) / std``, from the training views and from evaluation
+    alike), so a method can recover the pixels (CMC converts them to Lab). ``backbone_factory``
+    builds more encoders like the backbone, with another number of input channels (CMC's one
+    encoder per view); None where the caller gives none.
+    """
 
     feature_dim: int
     num_samples: int
     num_classes: int
     image_size: int
+    image_mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    image_std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    backbone_factory: BackboneFactory | None = None
 
 
 @dataclass
@@ -106,6 +123,19 @@ class Method(nn.Module):
 
     def on_after_optimizer_step(self, progress: float) -> None:
         """Called once after every optimizer step; momentum methods update their copies here."""
+
+    def finetune_encoder(self, label_fraction: float) -> nn.Module:
+        """The network fine-tuning puts a linear classifier on, for ``label_fraction`` of the
+        labels; it shares this method's weights (``selfsup eval finetune`` trains a copy). The
+        backbone here; SimCLR v2 adds the first layer of its projection head."""
+        return self.backbone
+
+    def knn_bank(self) -> tuple[torch.Tensor, nn.Module] | None:
+        """Reference features that kNN evaluation reads instead of encoding the training split:
+        ``(bank, encoder)``, row i of ``bank`` for sample i of the training split and ``encoder``
+        mapping images into the bank's space (InstDisc's memory bank, Wu et al. 2018,
+        Section 3.4). None, the default: the method keeps no such bank."""
+        return None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -171,5 +201,3 @@ def build_method(name: str, backbone: nn.Module, context: MethodContext,
     values = validate_hyperparameters(name, hyperparameters or {})
     return get_method_class(name)(backbone, context, **values)
 
-
-BackboneFactory = Callable[[], tuple[nn.Module, int]]

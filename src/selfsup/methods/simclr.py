@@ -31,8 +31,12 @@ class SimCLR(Method):
                  temperature: PositiveFloat = 0.5) -> None:
         super().__init__(backbone, context)
         hidden = proj_hidden_dim or context.feature_dim
-        self.projector = ProjectionMLP(context.feature_dim, hidden, proj_dim, batch_norm=True)
+        self.projector = self.build_projector(context.feature_dim, hidden, proj_dim)
         self.temperature = temperature
+
+    @staticmethod
+    def build_projector(feature_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+        return ProjectionMLP(feature_dim, hidden_dim, out_dim, batch_norm=True)
 
     def training_step(self, batch: Batch) -> StepOutput:
         x1, x2 = batch.views
