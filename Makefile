@@ -21,9 +21,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The competitors (lightly, kornia, pytorch-metric-learning) are the `bench` extra; each script
+# prints its ratios against them, measured in the same run.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/matmul_ceiling.py
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/augment.py
+	$(BIN)/python benchmarks/loss.py
 
 clean:
 	rm -rf $(VENV) runs
