@@ -78,7 +78,8 @@ def table_markdown(rows: list[dict], shares: list[str]) -> str:
         cells = [row["method"], _percent(train.get("knn_top1")),
                  _percent(train.get("knn_top1_random_init")), _percent(train.get("linear_top1")),
                  _percent(train.get("linear_top1_random_init")),
-                 *[_percent(row.get(f"finetune_{share}", {}).get("test_top1")) for share in shares],
+                 *[_percent(row.get(f"finetune_{share}", {}).get("finetune_top1"))
+                   for share in shares],
                  f"{train.get('train_seconds', train['wall_seconds']) / 60:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
