@@ -178,3 +178,33 @@ def test_weight_decay_follows_a_cosine_to_weight_decay_end_and_spares_biases_and
     optimizer = build_optimizer(list(model.named_parameters()), constant, 256)
     schedule_weight_decay(optimizer, constant, 0.7)
     assert max(group["weight_decay"] for group in optimizer.param_groups) == 1e-4
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resnet_gradients_under_cpu_bf16_autocast_stay_right_where_a_stage_starts_at_1x1(
+        channels_last):
+    # The ImageNet stem on 16-px crops: layer4 starts from a 1x1 map, where the CPU's bf16
+    # weight gradient of a stride-2 3x3 convolution is garbage (NaN, or wrong by 1e11).
+    torch.manual_seed(0)
+    model, _ = build_backbone("resnet18", cifar_stem=False, width=0.25)
+    x = torch.randn(64, 3, 16, 16)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(64, model.feature_dim)
+    gradients = []
+    for bf16 in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            features = model(x)
+        features.float().backward(upstream)
+        gradients.append(model.layer4[0].conv1.weight.grad.clone())
+        # The stage that starts at 1x1 ran in float32 (the earlier ones in bf16).
+        assert features.dtype == torch.float32
+    reference, bf16_gradient = gradients
+    assert torch.isfinite(bf16_gradient).all()
+    # bf16 in the earlier stages moves it by ~30% (batch norm over 64 1x1 maps amplifies their
+    # rounding); the garbage was NaN or 1e11 times the reference.
+    assert (bf16_gradient - reference).norm() <= 0.5 * reference.norm()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(4, 3, 64, 64)).dtype == torch.bfloat16  # no 1x1 stage: all bf16

@@ -86,8 +86,30 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = _run_stage(stage, x)
         return torch.flatten(self.avgpool(x), 1)
+
+
+def _run_stage(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``stage(x)``, in float32 when bf16 autocast on the CPU meets a 1x1 feature map.
+
+    The CPU's bf16 weight gradient of a 3x3, stride-2 convolution of a 1x1 input (torch 2.14,
+    oneDNN) is garbage: NaN or 1e11 times too large, differently from run to run. A ResNet meets
+    it where a stage starts at 1x1 (the ImageNet stem on 16-px crops, e.g. DINO's local crops of
+    32-px images); on a 1x1 map float32 costs next to nothing.
+    """
+    if x.device.type == "cpu" and x.shape[-2:] == (1, 1) and _cpu_autocast_enabled():
+        with torch.autocast("cpu", enabled=False):
+            return stage(x.float())
+    return stage(x)
+
+
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled()
 
 
 def _build_resnet(name: str, cifar_stem: bool, width: float, in_channels: int
