@@ -183,8 +183,8 @@ class SelfSupervisedModule(L.LightningModule):
         output = self.method.training_step(Batch(views, labels, index, self._generator(0),
                                                  self.epoch_progress()))
         loss = output.loss
+        self._saved_buffers = saved_buffers  # for a skip decided here or on the gradients
         # Every process must take the same decision, or DDP's gradient reduction would hang.
-        self._saved_buffers = saved_buffers
         finite = bool(gather_no_grad(torch.isfinite(loss.detach()).reshape(1)).all())
         if not finite:
             parts = {k: float(v) for k, v in output.logs.items()}
