@@ -14,6 +14,8 @@ A method is an ``nn.Module`` with
 - ``on_after_optimizer_step(progress)``: momentum updates, schedules (progress in [0, 1]);
 - ``finetune_encoder(label_fraction)``: what fine-tuning trains under its linear head (the
   backbone, unless the method's paper says otherwise: SimCLR v2 keeps a projection-head layer);
+- ``knn_bank()``: a bank of training-split features that kNN evaluation may read (InstDisc's
+  memory bank), or None;
 - ``state_dict()``: everything needed to resume exactly (queues, banks, EMA weights are persistent
   buffers or submodules).
 
