@@ -58,12 +58,14 @@ def sample():
     return load_data("cifar10-sample", val_fraction=0.1, seed=0)
 
 
-def _tiny_splits(splits: DataSplits) -> DataSplits:
-    """10 train, 10 validation and 10 test images per class of the sample."""
+def tiny_splits(splits: DataSplits, train: float = 10 / 450, val: float = 0.2,
+                test: float = 0.1) -> DataSplits:
+    """Class-balanced shares of the sample's splits (by default about 10 train, 10 validation
+    and 10 test images per class); also the distillation tests' data."""
     def take(dataset, fraction):
         return dataset.subset(balanced_label_subset(dataset.labels, fraction, seed=0))
-    return dataclasses.replace(splits, train=take(splits.train, 10 / 450),
-                               val=take(splits.val, 0.2), test=take(splits.test, 0.1))
+    return dataclasses.replace(splits, train=take(splits.train, train),
+                               val=take(splits.val, val), test=take(splits.test, test))
 
 
 def _tiny_backbone() -> torch.nn.Module:
@@ -73,7 +75,7 @@ def _tiny_backbone() -> torch.nn.Module:
 
 def test_finetune_keeps_the_learning_rate_of_the_best_validation_top1_never_looking_at_test(
         sample):
-    splits = _tiny_splits(sample)
+    splits = tiny_splits(sample)
     backbone = _tiny_backbone()
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     run = dict(fraction=1.0, epochs=2, batch_size=50, seed=0, device="cpu")
@@ -146,6 +148,6 @@ def test_finetuning_on_ten_percent_of_the_labels_from_random_init_beats_chance(s
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_finetune_runs_on_cuda_in_bf16(sample):
-    result = finetune(_tiny_backbone(), _tiny_splits(sample), 1.0, lrs=[0.05], epochs=1,
+    result = finetune(_tiny_backbone(), tiny_splits(sample), 1.0, lrs=[0.05], epochs=1,
                       batch_size=50, device="cuda", precision="bf16")
     assert result.num_labels == 100 and 0.0 <= result.test_top1 <= 1.0

@@ -5,7 +5,6 @@ Losses against float64 transcriptions of the paper's equations (NT-Xent with buf
 negatives; the distillation loss, eq. 2), finite on degenerate inputs; distillation moves a
 student toward its teacher; the three CLI stages end to end on a tiny folder of real images."""
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,15 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_finetune import sample, tiny_splits  # noqa: F401  (sample: a fixture)
 from test_loss_zoo import _degenerate
 from torch import nn
 
 from selfsup.backbones import build_backbone
 from selfsup.cli import main
 from selfsup.config import read_yaml, resolve_config
-from selfsup.data import DataSplits, load_data
+from selfsup.data import DataSplits
 from selfsup.errors import CheckpointError, ConfigError
-from selfsup.evaluate import balanced_label_subset, distill, load_classifier
+from selfsup.evaluate import distill, load_classifier
 from selfsup.evaluate.distill import agreement
 from selfsup.evaluate.finetune import linear_classifier, train_classifier
 from selfsup.losses import DistillationLoss, distillation, nt_xent
@@ -240,26 +240,13 @@ def test_cifar10_config_resolves_to_simclrv2_with_a_cifar_sized_buffer():
 
 # ---- stage 3: distillation ---------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def sample():
-    return load_data("cifar10-sample", val_fraction=0.1, seed=0)
-
-
-def _tiny_splits(splits: DataSplits) -> DataSplits:
-    """20 train, 5 validation and 10 test images per class of the sample."""
-    def take(dataset, fraction):
-        return dataset.subset(balanced_label_subset(dataset.labels, fraction, seed=0))
-    return dataclasses.replace(splits, train=take(splits.train, 20 / 405),
-                               val=take(splits.val, 0.1), test=take(splits.test, 0.1))
-
-
 def _resnet(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return build_backbone("resnet18", cifar_stem=True, width=0.125)[0]
 
 
 def test_distillation_moves_the_student_toward_the_teacher(sample):
-    splits = _tiny_splits(sample)
+    splits = tiny_splits(sample, train=20 / 405, val=0.1)
     info = splits.info
     teacher = train_classifier(_resnet(0), splits.train, info, lr=0.5, epochs=3, batch_size=50,
                                seed=0).eval()
@@ -280,7 +267,7 @@ def test_distillation_moves_the_student_toward_the_teacher(sample):
 
 
 def test_distillation_with_a_labelled_term_needs_the_labelled_subset(sample):
-    splits = _tiny_splits(sample)
+    splits = tiny_splits(sample, train=20 / 405, val=0.1)
     teacher = linear_classifier(_resnet(0), splits.info, torch.Generator().manual_seed(0))
     with pytest.raises(ConfigError, match="alpha"):
         distill(teacher, _resnet(1), splits, alpha=0.5, lrs=[1.6], epochs=1)
