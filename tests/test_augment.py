@@ -397,14 +397,16 @@ def test_views_on_cuda_with_a_cpu_generator_match_the_cpu_views():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("recipe, num_views", [("simclr", 2), ("dino", 6)])
-def test_a_cuda_forward_never_blocks_on_the_host(recipe, num_views):
+@pytest.mark.parametrize("record_boxes", [False, True])
+def test_a_cuda_forward_never_blocks_on_the_host(recipe, num_views, record_boxes):
     views = build_view_generator(recipe, 96, CIFAR_MEAN, CIFAR_STD, num_views=num_views)
     images = _uint8_batch(size=96).cuda()
     generator = torch.Generator(device="cuda").manual_seed(0)
-    views(images, generator)  # first call: constants are copied to the device once
+    # First call: constants are copied to the device once.
+    views.views_and_boxes(images, generator, record_boxes=record_boxes)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        views(images, generator)
+        views.views_and_boxes(images, generator, record_boxes=record_boxes)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

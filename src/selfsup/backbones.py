@@ -8,6 +8,8 @@ things SSL papers change:
   so 32x32 images keep their resolution into ``layer1``;
 - a width multiplier, so the same architecture runs at CPU-demo and unit-test sizes.
 
+``ResNet.feature_map(x)`` gives the last stage's map before global pooling, for dense methods.
+
 Vision Transformers (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words") are torchvision's
 ``VisionTransformer`` in the sizes of DeiT (Touvron et al. 2021) that MoCo v3 and DINO train:
 ``vit_tiny`` (192 wide, 3 heads), ``vit_small`` (384, 6 heads; ViT-S/16 has 21.7M parameters) and
@@ -84,11 +86,16 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's output before global pooling, ``(B, feature_dim, H / 32, W / 32)``
+        (``H / 8`` with the CIFAR stem): the dense features that pixel-level methods compare."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = _run_stage(stage, x)
-        return torch.flatten(self.avgpool(x), 1)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.feature_map(x)), 1)
 
 
 def _run_stage(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -201,6 +208,15 @@ def _build_timm(name: str, cifar_stem: bool, width: float, in_channels: int
                           f"({', '.join(backbone_names())}) nor a timm model")
     model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels)
     return model, int(model.num_features)
+
+
+def require_feature_map(backbone: nn.Module, method: str) -> None:
+    """Raise a :class:`ConfigError` naming the backbone unless it has ``feature_map(x)``, the
+    spatial features before global pooling that ``method`` needs (the built-in ResNets have it;
+    ViTs and timm models do not)."""
+    if not callable(getattr(backbone, "feature_map", None)):
+        raise ConfigError(f"{method} needs a backbone with a spatial feature map (backbone.name: "
+                          f"one of {', '.join(_RESNETS)}); {type(backbone).__name__} has none")
 
 
 def backbone_names() -> list[str]:

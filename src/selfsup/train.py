@@ -172,7 +172,8 @@ class SelfSupervisedModule(L.LightningModule):
                       ) -> torch.Tensor | None:
         images, labels, index = batch
         # Augmentation differs per process (stream 1 + rank); method randomness is shared (0).
-        views = self.view_generator(images, self._generator(1 + self.global_rank))
+        views, view_boxes = self.view_generator.views_and_boxes(
+            images, self._generator(1 + self.global_rank), record_boxes=self.method.uses_view_boxes)
         if self.config.train.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         may_skip = self.config.train.max_nonfinite_skips > 0
@@ -181,7 +182,7 @@ class SelfSupervisedModule(L.LightningModule):
         saved_buffers = ({name: b.clone() for name, b in self.method.named_buffers()}
                          if may_skip else {})
         output = self.method.training_step(Batch(views, labels, index, self._generator(0),
-                                                 self.epoch_progress()))
+                                                 self.epoch_progress(), view_boxes))
         loss = output.loss
         self._saved_buffers = saved_buffers  # for a skip decided here or on the gradients
         # Every process must take the same decision, or DDP's gradient reduction would hang.

@@ -16,6 +16,10 @@ changes; on an accelerator, where reading it would stall the host, it computes t
 keeps each sample's own result (the tests check that both give the same images). Random numbers
 are drawn on the generator's device and then moved, so a CPU generator gives the same views on any
 device, and a CUDA generator on a CUDA batch needs no transfer.
+
+Ops that move pixels also say where their outputs come from (``source_boxes``): a pipeline can
+record, per output image, the box of its source image it shows, for methods that match locations
+across views (PixPro's positive pixel pairs).
 """
 
 from __future__ import annotations
@@ -280,6 +284,18 @@ class Op(ABC, Generic[P]):
         """
         return self.apply(images, params)
 
+    def source_boxes(self, boxes: Tensor, params: P, height: int, width: int) -> Tensor:
+        """Where each output image lies in the source image, given where each input lies.
+
+        ``boxes`` (B, 4) holds, per input image of ``height x width`` pixels, the box of the source
+        image it shows: ``(x0, y0, x1, y1)`` in ``[0, 1]`` (fractions of the source's width and
+        height), its left edge at ``x0`` and its right edge at ``x1``, so a mirrored image has
+        ``x0 > x1``. The point at fraction ``(u, v)`` of the image lies at
+        ``(x0 + u (x1 - x0), y0 + v (y1 - y0))`` of the source. An op that moves no pixel (the
+        default) returns the boxes as they are.
+        """
+        return boxes
+
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         batch_size, _, height, width = images.shape
         return self.apply(images, self.sample_params(batch_size, height, width, generator, images.device))
@@ -389,6 +405,23 @@ class RandomResizedCrop(Op[CropParams]):
         crops = crops.view(batch, channels, copies, out_h, out_w).permute(2, 0, 1, 3, 4)
         return crops.reshape(copies * batch, channels, out_h, out_w)
 
+    def source_boxes(self, boxes: Tensor, params: CropParams, height: int, width: int) -> Tensor:
+        """The crop box ``params`` (in the input's pixels) placed inside each input's own box.
+
+        The resize maps the crop's edges to the output's edges (the half-pixel centres of
+        :meth:`_source_coordinates`), so output pixel centre ``(j + 0.5) / out_w`` lies at the same
+        fraction of the crop box; only where an enlarged crop repeats its border pixel does a
+        pixel read a source point up to half an input pixel away.
+        """
+        x0, y0, x1, y1 = boxes.unbind(1)
+        left = params.left.to(boxes.dtype) / width
+        right = (params.left + params.width).to(boxes.dtype) / width
+        top = params.top.to(boxes.dtype) / height
+        bottom = (params.top + params.height).to(boxes.dtype) / height
+        box_width, box_height = x1 - x0, y1 - y0
+        return torch.stack((x0 + box_width * left, y0 + box_height * top,
+                            x0 + box_width * right, y0 + box_height * bottom), dim=1)
+
     @staticmethod
     def _source_coordinates(out_size: int, start: Tensor, length: Tensor, dtype: torch.dtype) -> Tensor:
         """Input coordinates ``(B, out_size)`` that ``interpolate(bilinear)`` of the crop reads.
@@ -432,6 +465,12 @@ class HorizontalFlip(_PerSampleCoin):
 
     def apply(self, images: Tensor, params: MaskParams) -> Tensor:
         return _choose(params.apply, images.flip(-1), images)
+
+    def source_boxes(self, boxes: Tensor, params: MaskParams, height: int, width: int) -> Tensor:
+        # A mirrored image shows the same box read right to left: its left edge is the box's right.
+        # (Stacked, not indexed with a list, which would copy an index to the device.)
+        x0, y0, x1, y1 = boxes.unbind(1)
+        return torch.where(params.apply[:, None], torch.stack((x1, y0, x0, y1), dim=1), boxes)
 
 
 def _factor_range(value: float | Sequence[float], name: str) -> tuple[float, float] | None:
@@ -811,6 +850,11 @@ class Normalize(Op[NoParams]):
         return mean, std
 
 
+def _source_boxes(boxes: Tensor | None, op: Op, params: object, height: int, width: int) -> Tensor | None:
+    """``op.source_boxes``, where boxes are being recorded (not None)."""
+    return None if boxes is None else op.source_boxes(boxes, params, height, width)
+
+
 class Pipeline:
     """Ops applied in sequence; each draws its parameters from the same generator in turn."""
 
@@ -827,30 +871,55 @@ class Pipeline:
         the batches the pipeline made (``apply_``; ``images`` is never written), and on the CPU
         they run slice by slice through the cache.
         """
+        return self.views_and_boxes(images, generator, copies, record_boxes=False)[0]
+
+    def views_and_boxes(
+        self,
+        images: Tensor,
+        generator: torch.Generator | None = None,
+        copies: int = 1,
+        record_boxes: bool = True,
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`__call__`'s batch, and with ``record_boxes`` the box of its source image that
+        each output shows: float32 ``(copies * B, 4)``, row ``k * B + b`` for copy ``k`` of image
+        ``b``, as :meth:`Op.source_boxes` defines them (a mirrored view has ``x0 > x1``; a
+        pipeline without crop or flip gives ``(0, 0, 1, 1)``). Recording draws no random number,
+        so the views are the same either way; without it the boxes are None.
+        """
         if copies < 1:
             raise ValueError(f"copies must be at least 1, got {copies}")
         ops = self.ops
+        batch, _, height, width = images.shape
+        boxes = None
+        if record_boxes:
+            boxes = _constant((0.0, 0.0, 1.0, 1.0), torch.float32, images.device).repeat(copies * batch, 1)
         if ops and isinstance(ops[0], RandomResizedCrop):
             crop, ops = ops[0], ops[1:]
-            batch, _, height, width = images.shape
             params = crop.sample_params(copies * batch, height, width, generator, images.device)
+            boxes = _source_boxes(boxes, crop, params, height, width)
             mirror = None
             if ops and isinstance(ops[0], HorizontalFlip):
                 flip, ops = ops[0], ops[1:]
-                mirror = flip.sample_params(copies * batch, *crop.size, generator, images.device).apply
+                flip_params = flip.sample_params(copies * batch, *crop.size, generator, images.device)
+                boxes = _source_boxes(boxes, flip, flip_params, *crop.size)
+                mirror = flip_params.apply
             images = crop.apply(images, params, mirror)
         elif copies > 1:
             images = images.repeat(copies, 1, 1, 1)
         if not ops:
-            return images
+            return images, boxes
         if len(ops) == len(self.ops) and copies == 1:
             # The caller's batch: the first op makes a new one that the rest may work on in place.
-            images = ops[0](images, generator)
-            ops = ops[1:]
+            first, ops = ops[0], ops[1:]
+            first_params = first.sample_params(batch, height, width, generator, images.device)
+            boxes = _source_boxes(boxes, first, first_params, height, width)
+            images = first.apply(images, first_params)
         batch, _, height, width = images.shape
         # Every op draws its parameters for the whole batch first, in order: the stream, and so
         # the views, do not depend on how the batch is cut below.
         params = [op.sample_params(batch, height, width, generator, images.device) for op in ops]
+        for op, op_params in zip(ops, params):
+            boxes = _source_boxes(boxes, op, op_params, height, width)
         step = batch
         if images.device.type == "cpu":
             # On the CPU, run the ops on slices of the batch small enough to stay in the core's
@@ -863,7 +932,7 @@ class Pipeline:
                 result = op.apply_(result, _rows(op_params, start, start + step))
             blocks.append(result)
             in_place &= result is block
-        return images if in_place else torch.cat(blocks)
+        return (images if in_place else torch.cat(blocks)), boxes
 
     def __iter__(self):
         return iter(self.ops)

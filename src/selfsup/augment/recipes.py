@@ -83,15 +83,31 @@ class ViewGenerator(nn.Module):
 
         ``generator`` None draws from torch's default generator of the batch's device.
         """
+        return self.views_and_boxes(images, generator, record_boxes=False)[0]
+
+    def views_and_boxes(
+        self, images: Tensor, generator: torch.Generator | None = None, record_boxes: bool = True
+    ) -> tuple[list[Tensor], list[Tensor] | None]:
+        """The views of :meth:`forward` and, with ``record_boxes``, per view the box of the image
+        that each sample shows: float32 ``(B, 4)``, ``(x0, y0, x1, y1)`` in ``[0, 1]`` of the
+        image's width and height, with ``x0 > x1`` where the view is mirrored (see
+        :meth:`~selfsup.augment.ops.Op.source_boxes`); a group without crop or flip gives the whole
+        image. Recording draws no random number: the views are the same either way. Without it
+        the boxes are None.
+        """
         if images.dtype == torch.uint8:
             # The scaling of torchvision's ToDtype(float32, scale=True).
             images = images.to(torch.float32).mul_(1.0 / 255.0)
         elif not images.is_floating_point():
             raise TypeError(f"images must be uint8 or floating point, got {images.dtype}")
         views: list[Tensor] = []
+        boxes: list[Tensor] = []
         for group in self.groups:
-            views.extend(group.pipeline(images, generator, copies=group.count).chunk(group.count))
-        return views
+            batch, group_boxes = group.pipeline.views_and_boxes(images, generator, group.count, record_boxes)
+            views.extend(batch.chunk(group.count))
+            if group_boxes is not None:
+                boxes.extend(group_boxes.chunk(group.count))
+        return views, (boxes if record_boxes else None)
 
     def extra_repr(self) -> str:
         return "\n".join(f"({i}) {group.count} x {group.pipeline!r}" for i, group in enumerate(self.groups))

@@ -5,7 +5,8 @@ A method is an ``nn.Module`` with
 - ``backbone``: the encoder that evaluation uses (for momentum methods: the online network, as
   the papers evaluate it);
 - ``views``: the augmentation recipe it trains on (a name in ``selfsup.augment.RECIPES``) and
-  ``num_views``;
+  ``num_views``; ``uses_view_boxes`` when it reads where each view lies in its image
+  (``Batch.view_boxes``: PixPro's positive pixel pairs);
 - ``training_step(batch) -> StepOutput``: the loss, values to log, the backbone features of the
   first view (the online linear probe reads them, detached) and the per-view embeddings (the
   collapse monitors read them);
@@ -73,6 +74,11 @@ class Batch:
     ``epoch`` is the trainer's step counted in epochs (step / steps per epoch: 1.5 is the middle of
     the second epoch), for settings the papers switch by epoch (SwAV's queue); it derives from the
     checkpointed step, so it resumes exactly.
+
+    ``view_boxes``: for a method with ``uses_view_boxes``, one float32 ``(N, 4)`` per view: the
+    box of its source image that each sample's view shows, ``(x0, y0, x1, y1)`` in ``[0, 1]`` of
+    the image's width and height, with ``x0 > x1`` where the view is mirrored (see
+    ``selfsup.augment.ops.Op.source_boxes``); None for the other methods.
     """
 
     views: list[torch.Tensor]
@@ -80,6 +86,7 @@ class Batch:
     index: torch.Tensor
     generator: torch.Generator
     epoch: float = 0.0
+    view_boxes: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -104,6 +111,8 @@ class Method(nn.Module):
     name: ClassVar[str]
     views: ClassVar[str]
     num_views: ClassVar[int] = 2
+    # Whether training_step reads Batch.view_boxes; the trainer records them for such methods only.
+    uses_view_boxes: ClassVar[bool] = False
     # The paper's optimizer settings (keys of ``selfsup.config.OptimConfig``); configs override.
     default_optimizer: ClassVar[dict[str, Any]] = {}
     # Submodules whose learning rate stays at its base value instead of following the schedule
