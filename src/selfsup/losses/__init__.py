@@ -15,6 +15,7 @@ from selfsup.losses.nce import MemoryBankSoftmaxLoss, NCELoss, memory_bank_softm
 from selfsup.losses.negative_cosine import (NegativeCosineLoss, NormalizedMSELoss,
                                             negative_cosine, normalized_mse)
 from selfsup.losses.nt_xent import NTXentLoss, nt_xent
+from selfsup.losses.pixpro import PixProLoss, pixpro, positive_pixel_pairs
 from selfsup.losses.supcon import SupConLoss, supcon
 from selfsup.losses.swav import SwAVLoss, sinkhorn, swav
 from selfsup.losses.triplet import NPairLoss, TripletLoss, n_pair, triplet
@@ -24,6 +25,7 @@ __all__ = [
     "barlow_twins", "BarlowTwinsLoss",
     "swav", "SwAVLoss", "sinkhorn",
     "dino", "DINOLoss",
+    "pixpro", "PixProLoss", "positive_pixel_pairs",
     "distillation", "DistillationLoss",
     "info_nce", "InfoNCELoss", "nt_xent", "NTXentLoss",
     "supcon", "SupConLoss",

@@ -8,6 +8,7 @@ from selfsup.methods import dino  # noqa: F401  (registration)
 from selfsup.methods import cmc  # noqa: F401  (registration)
 from selfsup.methods import cpc  # noqa: F401  (registration)
 from selfsup.methods import simclrv2  # noqa: F401  (registration)
+from selfsup.methods import pixpro  # noqa: F401  (registration)
 from selfsup.methods.base import (METHODS, Batch, Method, MethodContext, StepOutput,
                                   build_method, get_method_class, method_hyperparameters,
                                   method_names, register_method, validate_hyperparameters)
