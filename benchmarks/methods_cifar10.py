@@ -10,7 +10,8 @@ stopped. The table (markdown, and JSON with every figure) is written to ``OUT/ta
 ``OUT/table.json``.
 
     python benchmarks/methods_cifar10.py [--data cifar10:../shared/data/cifar10] [--epochs 3]
-        [--warmup-epochs 0.3] [--methods simclr byol ...] [--out runs/methods_cifar10]
+        [--warmup-epochs 0.3] [--methods simclr byol ...] [--set KEY=VALUE ...]
+        [--out runs/methods_cifar10]
 """
 
 from __future__ import annotations
@@ -37,6 +38,22 @@ def _run_json(command: list[str], log: Path) -> dict:
     return results
 
 
+def settings_for(method: str, settings: list[str]) -> list[str]:
+    """The ``--set`` values that apply to ``method``: ``KEY=VALUE`` to every method,
+    ``METHOD:KEY=VALUE`` to that method only."""
+    chosen = []
+    for setting in settings:
+        scope, colon, rest = setting.partition(":")
+        if not colon or "=" in scope:
+            chosen.append(setting)
+        elif scope not in method_names():
+            raise SystemExit(f"--set {setting}: {scope!r} is not a method "
+                             f"(one of {', '.join(method_names())})")
+        elif scope == method:
+            chosen.append(rest)
+    return chosen
+
+
 def run_method(method: str, args: argparse.Namespace) -> dict:
     out = Path(args.out) / method
     done = out / "table_row.json"
@@ -52,7 +69,9 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
                        "--set", "train.channels_last=true", "--set", "train.progress_bar=false",
                        "--set", f"eval.monitor_every_n_epochs={args.epochs}",
                        *(["--set", f"optim.warmup_epochs={args.warmup_epochs}"]
-                         if args.warmup_epochs is not None else []), "--json"],
+                         if args.warmup_epochs is not None else []),
+                       *[arg for setting in settings_for(method, args.set)
+                         for arg in ("--set", setting)], "--json"],
                       out / "train.log")
     row = {"method": method, "pretrain": train}
     for share in args.finetune_labels:
@@ -105,6 +124,10 @@ def main() -> None:
     parser.add_argument("--finetune-labels", nargs="*", default=["1%", "10%"])
     parser.add_argument("--finetune-epochs", type=int, default=10)
     parser.add_argument("--finetune-lrs", type=float, nargs="+", default=[0.05, 0.2])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config value for every method's pretraining (repeatable), e.g. "
+                             "backbone.cifar_stem=false; METHOD:KEY=VALUE for one method, e.g. "
+                             "barlow_twins:method_args.proj_dim=2048")
     parser.add_argument("--out", default="runs/methods_cifar10")
     args = parser.parse_args()
     rows = []

@@ -2,8 +2,10 @@
 CIFAR-10 sample, 4,500 training images) and compare its kNN top-1 with the same network at random
 init (same seed, same architecture).
 
-ResNet-18 with the CIFAR stem at a quarter of the width and batch 128 (35 steps an epoch), so that
-a run takes a minute or two on 2 CPU cores.
+ResNet-18 at half width with the ImageNet stem (its stride-4 stem brings 32 px images to 8x8, so a
+step costs a fraction of the CIFAR stem's), bf16 autocast and channels_last, batch 128 (35 steps an
+epoch): an epoch takes about 4 s on 2 CPU cores. The CIFAR stem learns more per step but costs ~7x
+more per step; at equal wall time this network lifts kNN sooner.
 """
 
 from pathlib import Path
@@ -22,9 +24,9 @@ def pretrain_small(out: Path, method: str, epochs: int, **sections: dict[str, An
     values: dict[str, Any] = {
         "method": method,
         "data": {"source": "cifar10-sample", "num_workers": 1},
-        "backbone": {"name": "resnet18", "cifar_stem": True, "width": 0.25},
+        "backbone": {"name": "resnet18", "cifar_stem": False, "width": 0.5},
         "train": {"epochs": epochs, "batch_size": 128, "seed": 0, "out": str(out),
-                  "progress_bar": False},
+                  "precision": "bf16", "channels_last": True, "progress_bar": False},
         "eval": {"monitor_every_n_epochs": 0, "after_training": ["knn"]},
     }
     for key, value in sections.items():
