@@ -4,9 +4,9 @@ and precision for all, each method with its paper's optimizer and hyper-paramete
 For each method it runs ``selfsup train`` (kNN and linear probe on frozen features after
 training, each beside the same network at random init), then ``selfsup eval finetune`` with 1%
 and 10% of the labels (class-balanced subsets, learning rate chosen on the validation split, test
-top-1 reported). Each method's results are written to ``OUT/METHOD/`` as they finish, and a method
-whose results are already there is not run again, so a killed table run continues where it
-stopped. The table (markdown, and JSON with every figure) is written to ``OUT/table.md`` and
+top-1 reported). Each stage's results (pretraining, each fine-tuning) are written to
+``OUT/METHOD/`` as they finish, and a stage whose results are already there is not run again, so a
+killed table run continues where it stopped. The table (markdown, and JSON with every figure) is written to ``OUT/table.md`` and
 ``OUT/table.json``.
 
     python benchmarks/methods_cifar10.py [--data cifar10:../shared/data/cifar10] [--epochs 3]
@@ -26,8 +26,11 @@ from pathlib import Path
 from selfsup.methods import method_names
 
 
-def _run_json(command: list[str], log: Path) -> dict:
-    """Run a selfsup command that prints its results as one JSON line (the last line)."""
+def _run_json(command: list[str], log: Path, result: Path) -> dict:
+    """Run a selfsup command that prints its results as one JSON line (the last line) and keep
+    them in ``result``; a stage whose ``result`` exists is not run again."""
+    if result.exists():
+        return json.loads(result.read_text())
     started = time.perf_counter()
     with log.open("w") as stream:
         completed = subprocess.run(command, stdout=subprocess.PIPE, stderr=stream, text=True)
@@ -35,7 +38,18 @@ def _run_json(command: list[str], log: Path) -> dict:
         raise SystemExit(f"{' '.join(command)} failed (exit {completed.returncode}); see {log}")
     results = json.loads(completed.stdout.strip().splitlines()[-1])
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
+    result.write_text(json.dumps(results, indent=2))
     return results
+
+
+def finetune_epochs_for(share: str, values: list[str]) -> list[str]:
+    """``--set`` arguments for the fine-tuning length of ``share`` from ``--finetune-epochs``
+    (``SHARE=EPOCHS`` entries, or one number for every share); none: the paper's length."""
+    for value in values:
+        scope, equals, epochs = value.rpartition("=")
+        if not equals or scope == share:
+            return ["--set", f"eval.finetune_epochs={int(epochs)}"]
+    return []
 
 
 def settings_for(method: str, settings: list[str]) -> list[str]:
@@ -56,9 +70,6 @@ def settings_for(method: str, settings: list[str]) -> list[str]:
 
 def run_method(method: str, args: argparse.Namespace) -> dict:
     out = Path(args.out) / method
-    done = out / "table_row.json"
-    if done.exists():
-        return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
     selfsup = [sys.executable, "-m", "selfsup.cli"]
     train = _run_json([*selfsup, "train", "--method", method, "--data", args.data,
@@ -72,17 +83,18 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
                          if args.warmup_epochs is not None else []),
                        *[arg for setting in settings_for(method, args.set)
                          for arg in ("--set", setting)], "--json"],
-                      out / "train.log")
+                      out / "train.log", out / "pretrain.json")
     row = {"method": method, "pretrain": train}
-    for share in args.finetune_labels:
+    for share in args.finetune_labels if method in args.finetune_methods else []:
+        name = f"finetune_{share.rstrip('%')}"
         row[f"finetune_{share}"] = _run_json(
             [*selfsup, "eval", "finetune", "--checkpoint", train["checkpoint"],
              "--data", args.data, "--labels", share, "--no-baseline", "--json",
              "--num-workers", str(args.workers),
-             "--set", f"eval.finetune_epochs={args.finetune_epochs}",
+             *finetune_epochs_for(share, args.finetune_epochs),
              "--set", f"eval.finetune_lrs={json.dumps(args.finetune_lrs)}"],
-            out / f"finetune_{share.rstrip('%')}.log")
-    done.write_text(json.dumps(row, indent=2))
+            out / f"{name}.log", out / f"{name}.json")
+    (out / "table_row.json").write_text(json.dumps(row, indent=2))
     return row
 
 
@@ -122,7 +134,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--finetune-labels", nargs="*", default=["1%", "10%"])
-    parser.add_argument("--finetune-epochs", type=int, default=10)
+    # The methods that get the fine-tuning columns (default: all); the others get kNN and linear.
+    parser.add_argument("--finetune-methods", nargs="*", default=method_names(),
+                        choices=method_names())
+    # SHARE=EPOCHS (e.g. 10%=10) or one number for every share; default: the paper's (SimCLR
+    # Appendix B.5: 60 epochs for 1% of the labels, 30 for 10%).
+    parser.add_argument("--finetune-epochs", nargs="*", default=[], metavar="[SHARE=]EPOCHS")
     parser.add_argument("--finetune-lrs", type=float, nargs="+", default=[0.05, 0.2])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config value for every method's pretraining (repeatable), e.g. "
