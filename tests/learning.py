@@ -4,8 +4,8 @@ init (same seed, same architecture).
 
 ResNet-18 at half width with the ImageNet stem (its stride-4 stem brings 32 px images to 8x8, so a
 step costs a fraction of the CIFAR stem's), bf16 autocast and channels_last, batch 128 (35 steps an
-epoch): an epoch takes about 4 s on 2 CPU cores. The CIFAR stem learns more per step but costs ~7x
-more per step; at equal wall time this network lifts kNN sooner.
+epoch): an epoch takes about 4 s on 2 CPU cores. Measured: SimCLR's test took 12 epochs and 175 s
+with the CIFAR stem at quarter width in fp32, and takes 6 epochs and 28 s here.
 """
 
 from pathlib import Path
