@@ -10,12 +10,12 @@ variant is measured in this run, so the ratios between them hold on a noisy mach
     python benchmarks/train_step.py --vs-lightly [--device cpu|cuda] [--workers 2]
 
 ``--vs-lightly`` runs the whole loop, data loading included, of lightly's CIFAR-10 benchmark
-(``docs/source/getting_started/benchmarks/cifar10_benchmark.py``: ``SimCLRTransform`` without
-blur on PIL images in DataLoader workers, lightly's CIFAR ResNet-18, ``SimCLRProjectionHead(512,
-512, 128)``, ``NTXentLoss``, SGD, fp32) beside selfsup's (uint8 batches from the loader,
-augmentation on the device, bf16 autocast, channels_last, LARS) on the embedded CIFAR-10 sample,
-and prints the ratio. lightly's images are handed to it already decoded (PIL, in memory), which
-only spares it work. Needs the ``bench`` extra (lightly).
+(``docs/source/getting_started/benchmarks/cifar10_benchmark.py``, as ``lightly_simclr.py`` here
+has it: ``SimCLRTransform`` without blur on PIL images in DataLoader workers, lightly's CIFAR
+ResNet-18, ``SimCLRProjectionHead(512, 512, 128)``, ``NTXentLoss``, SGD, fp32) beside selfsup's
+(uint8 batches from the loader, augmentation on the device, bf16 autocast, channels_last, LARS)
+on the embedded CIFAR-10 sample, and prints the ratio. lightly's images are handed to it already
+decoded (PIL, in memory), which only spares it work. Needs the ``bench`` extra (lightly).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import statistics
 import time
 
 import torch
+from lightly_simclr import LightlySimCLR, lightly_loader  # benchmarks/lightly_simclr.py
 from torch.utils.flop_counter import FlopCounterMode
 
 from selfsup.augment import build_view_generator
@@ -117,48 +118,17 @@ def _timed_loop(loader, step, steps: int, device: torch.device) -> float:
 def lightly_loop_throughput(device: torch.device, batch_size: int, steps: int,
                             workers: int) -> float:
     """img/s of lightly's CIFAR-10 benchmark loop for SimCLR (see the module docstring)."""
-    from lightly.loss import NTXentLoss
     from lightly.models import ResNetGenerator
-    from lightly.models.modules import SimCLRProjectionHead
-    from lightly.transforms import SimCLRTransform
-    from PIL import Image
     from torch import nn
 
     from selfsup.data.sample import read_sample
 
-    class PILImages(torch.utils.data.Dataset):
-        def __init__(self, images, transform) -> None:
-            self.images = [Image.fromarray(image.transpose(1, 2, 0)) for image in images]
-            self.transform = transform
-
-        def __len__(self) -> int:
-            return len(self.images)
-
-        def __getitem__(self, index: int):
-            return self.transform(self.images[index]), 0
-
     torch.manual_seed(0)
-    dataset = PILImages(read_sample().x_train, SimCLRTransform(input_size=32, gaussian_blur=0.0))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         drop_last=True, num_workers=workers,
-                                         persistent_workers=workers > 0)
+    loader = lightly_loader(read_sample().x_train, batch_size, workers)
     resnet = ResNetGenerator("resnet-18")
-    backbone = nn.Sequential(*list(resnet.children())[:-1], nn.AdaptiveAvgPool2d(1)).to(device)
-    head = SimCLRProjectionHead(512, 512, 128).to(device)
-    criterion = NTXentLoss()
-    parameters = list(backbone.parameters()) + list(head.parameters())
-    optimizer = torch.optim.SGD(parameters, lr=0.06, momentum=0.9, weight_decay=5e-4)
-
-    def step(batch) -> int:
-        (x0, x1), _ = batch
-        x0, x1 = x0.to(device, non_blocking=True), x1.to(device, non_blocking=True)
-        loss = criterion(head(backbone(x0).flatten(1)), head(backbone(x1).flatten(1)))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return x0.shape[0]
-
-    return _timed_loop(loader, step, steps, device)
+    backbone = nn.Sequential(*list(resnet.children())[:-1], nn.AdaptiveAvgPool2d(1))
+    model = LightlySimCLR(backbone, 512, batch_size, epochs=1, device=device)
+    return _timed_loop(loader, model.step, steps, device)
 
 
 def selfsup_loop_throughput(device: torch.device, batch_size: int, steps: int,
