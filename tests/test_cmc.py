@@ -275,13 +275,17 @@ def test_each_views_bank_takes_its_embeddings_with_momentum_at_the_batch_indices
     method = _cmc(bank_momentum=momentum, view_channels=["L", "a", "b"])
     before = [bank.features.clone() for bank in method.memory_banks]
     index = torch.tensor([3, 9, 17, 30])
-    output = method.training_step(_batch(_image(), index=index))
     others = torch.ones(32, dtype=torch.bool)
     others[index] = False
-    for bank, old, z in zip(method.memory_banks, before, output.embeddings):
-        expected = F.normalize(momentum * old[index] + (1 - momentum) * z.detach(), dim=1)
-        assert torch.allclose(bank.features[index], expected, atol=1e-6)
-        assert torch.equal(bank.features[others], old[others])
+    for step in range(2):
+        stored = [bank.features[index].clone() for bank in method.memory_banks]
+        output = method.training_step(_batch(_image(seed=step), index=index, seed=step))
+        for bank, old, previous, z in zip(method.memory_banks, before, stored, output.embeddings):
+            # A first write replaces the random start; later ones mix with the momentum.
+            kept = momentum if step else 0.0
+            expected = F.normalize(kept * previous + (1 - kept) * z.detach(), dim=1)
+            assert torch.allclose(bank.features[index], expected, atol=1e-6)
+            assert torch.equal(bank.features[others], old[others])
 
 
 def test_anchors_get_gradient_and_bank_entries_do_not():

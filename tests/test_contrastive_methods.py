@@ -159,17 +159,27 @@ def test_mocov1_step_is_info_nce_of_linear_projections_against_the_queue():
 
 # ---- InstDisc and its memory bank -------------------------------------------------------------
 
-def test_memory_bank_starts_as_unit_vectors_and_updates_only_the_given_rows():
+def test_memory_bank_first_write_replaces_the_random_start_and_later_writes_mix():
     bank = MemoryBank(10, 4)
     assert torch.allclose(bank.features.norm(dim=1), torch.ones(10))
+    assert not bank.written.any()
     before = bank.features.clone()
     index = torch.tensor([2, 7])
-    new = torch.randn(2, 4)
-    bank.update(index, new, momentum=0.5)
-    expected = F.normalize(0.5 * before[index] + 0.5 * new, dim=1)
-    assert torch.allclose(bank.features[index], expected, atol=1e-6)
+    first = torch.randn(2, 4)
+    bank.update(index, first, momentum=0.5)
+    assert torch.allclose(bank.features[index], F.normalize(first, dim=1), atol=1e-6)
+    assert bank.is_written(torch.tensor([2, 3, 7])).tolist() == [True, False, True]
+    # A later write mixes with momentum; a row written for the first time in the same call
+    # (here 3) is replaced.
+    again = torch.tensor([7, 3])
+    second = torch.randn(2, 4)
+    bank.update(again, second, momentum=0.5)
+    assert torch.allclose(bank.features[7],
+                          F.normalize(0.5 * F.normalize(first[1], dim=0) + 0.5 * second[0],
+                                      dim=0), atol=1e-6)
+    assert torch.allclose(bank.features[3], F.normalize(second[1], dim=0), atol=1e-6)
     untouched = torch.ones(10, dtype=torch.bool)
-    untouched[index] = False
+    untouched[[2, 3, 7]] = False
     assert torch.equal(bank.features[untouched], before[untouched])
 
 
@@ -182,13 +192,16 @@ def _instdisc(**arguments):
 def test_instdisc_bank_update_follows_half_momentum_at_the_batch_indices_only():
     method = _instdisc()
     before = method.memory_bank.features.clone()
-    x = torch.randn(4, 3, 8, 8)
     index = torch.tensor([3, 9, 17, 30])
-    output = method.training_step(_batch([x], index=index))
-    f = F.normalize(method.projector(method.backbone(x)), dim=1).detach()
-    assert torch.allclose(output.embeddings[0], f, atol=1e-6)
-    assert torch.allclose(method.memory_bank.features[index],
-                          F.normalize(0.5 * before[index] + 0.5 * f, dim=1), atol=1e-6)
+    for step in range(2):
+        x = torch.randn(4, 3, 8, 8)
+        stored = method.memory_bank.features[index].clone()
+        output = method.training_step(_batch([x], index=index, seed=step))
+        f = F.normalize(method.projector(method.backbone(x)), dim=1).detach()
+        assert torch.allclose(output.embeddings[0], f, atol=1e-6)
+        # The first visit replaces the random start, later ones keep half of the entry.
+        expected = f if step == 0 else F.normalize(0.5 * stored + 0.5 * f, dim=1)
+        assert torch.allclose(method.memory_bank.features[index], expected, atol=1e-6)
     others = torch.ones(32, dtype=torch.bool)
     others[index] = False
     assert torch.equal(method.memory_bank.features[others], before[others])
@@ -225,15 +238,27 @@ def test_instdisc_noise_is_drawn_reproducibly_from_the_batch_generator():
     assert losses[0] != losses[2]
 
 
-def test_instdisc_proximal_term_is_lambda_times_the_squared_distance_to_the_memory():
+def test_instdisc_proximal_term_is_lambda_times_the_squared_distance_to_the_previous_visit():
     x = torch.randn(4, 3, 8, 8)
-    without = _instdisc(proximal_weight=0.0)
-    bank = without.memory_bank.features.clone()
-    base = without.training_step(_batch([x])).loss
-    with_term = _instdisc(proximal_weight=30.0)
-    output = with_term.training_step(_batch([x]))
+    index = torch.tensor([0, 1, 2, 3])
+    methods = {weight: _instdisc(proximal_weight=weight) for weight in (0.0, 30.0)}
+    # First visit: the entries are still their random start, so there is nothing to stay near.
+    first = methods[30.0].training_step(_batch([x], index=index))
+    assert first.logs["proximal"].item() == 0.0
+    methods[0.0].training_step(_batch([x], index=index))
+    # Second visit of samples 0 and 1 (2 and 3 are new): the term is over the revisited ones,
+    # averaged over the batch.
+    index, y = torch.tensor([0, 1, 8, 9]), torch.randn(4, 3, 8, 8)
+    far = F.normalize(torch.randn(2, 128), dim=1)  # entries far from this step's features
+    for method in methods.values():
+        method.memory_bank.features[:2] = far
+    bank = methods[30.0].memory_bank.features.clone()
+    base = methods[0.0].training_step(_batch([y], index=index, seed=1)).loss
+    output = methods[30.0].training_step(_batch([y], index=index, seed=1))
     f = output.embeddings[0]
-    proximal = (f - bank[:4]).pow(2).sum(1).mean()
+    distance = (f - bank[index]).pow(2).sum(1)
+    proximal = (distance * torch.tensor([1.0, 1.0, 0.0, 0.0])).mean()
+    assert proximal.item() > 0.1
     assert output.loss.item() == pytest.approx((base + 30.0 * proximal).item(), rel=1e-5)
     assert output.logs["proximal"].item() == pytest.approx(proximal.item(), rel=1e-6)
 

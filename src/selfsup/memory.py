@@ -45,15 +45,20 @@ class MemoryBank(nn.Module):
     """One L2-normalised vector per training sample, indexed by sample index (Wu et al. 2018,
     "Unsupervised Feature Learning via Non-Parametric Instance Discrimination", Section 3.2).
 
-    Starts as random unit vectors (uniform on the sphere). ``update`` moves only the rows of the
-    given indices: ``v_i <- normalise(m * v_i + (1 - m) * f_i)`` (m = 0.5 in the InstDisc code;
-    m = 0 replaces the entry, as the paper's text describes). ``features`` is the bank itself, a
-    persistent buffer: it is checkpointed and kNN evaluation can read it.
+    Starts as random unit vectors (uniform on the sphere), which serve as noise until each row is
+    first written. ``update`` moves only the rows of the given indices:
+    ``v_i <- normalise(m * v_i + (1 - m) * f_i)`` (m = 0.5 in the InstDisc code; m = 0 replaces
+    the entry, as the paper's text describes). A row's first write replaces it whatever ``m``: its
+    random start is not a feature of the sample, and mixing it in would keep half of a random
+    vector as the sample's positive for a whole further epoch. ``written`` records which rows
+    hold a feature. ``features`` is the bank itself; both are persistent buffers: checkpointed,
+    and kNN evaluation can read the bank.
     """
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
         self.register_buffer("features", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("written", torch.zeros(size, dtype=torch.bool))
 
     @property
     def size(self) -> int:
@@ -67,9 +72,15 @@ class MemoryBank(nn.Module):
         """The entries at ``index``, detached copies (safe to use in a graph before ``update``)."""
         return self.features[index.to(self.features.device)].detach()
 
+    def is_written(self, index: torch.Tensor) -> torch.Tensor:
+        """Whether each entry at ``index`` holds a feature (False: still its random start)."""
+        return self.written[index.to(self.written.device)].clone()
+
     @torch.no_grad()
     def update(self, index: torch.Tensor, new_features: torch.Tensor, momentum: float) -> None:
         index = index.to(self.features.device)
-        mixed = momentum * self.features[index] + (1.0 - momentum) * new_features.detach().to(
+        kept = momentum * self.written[index].to(self.features.dtype).unsqueeze(1)
+        mixed = kept * self.features[index] + (1.0 - kept) * new_features.detach().to(
             self.features.dtype)
         self.features[index] = F.normalize(mixed, dim=1)
+        self.written[index] = True

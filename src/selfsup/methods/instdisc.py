@@ -44,10 +44,12 @@ class InstDisc(Method):
 
     Either way the proximal term of Section 3.3 is added: lambda · ||f_i - v_i||^2, the sample's
     feature now against its entry from the previous visit (v_i^(t) - v_i^(t-1) in the paper's
-    notation). The paper studies several lambda (Figure 3); the default here is 30. Its authors'
-    code has no proximal term (lambda = 0) and relies on the bank momentum alone. After
-    the loss is computed, the batch's entries are updated, v_i <- normalise(0.5 v_i + 0.5 f_i)
-    (bank momentum 0.5 of the authors' code), with the features of every process.
+    notation); a sample's first visit has no previous entry and adds 0 (the term is averaged over
+    the batch either way). The paper studies several lambda (Figure 3); the default here is 30.
+    Its authors' code has no proximal term (lambda = 0) and relies on the bank momentum alone.
+    After the loss is computed, the batch's entries are updated, v_i <- normalise(0.5 v_i + 0.5
+    f_i) (bank momentum 0.5 of the authors' code; a first write replaces the random start), with
+    the features of every process.
     Defaults: t = 0.07, M = 4096, 128-d, one view per sample.
 
     ``knn_bank()`` hands the bank to kNN evaluation: after training, the trainer reports
@@ -98,7 +100,9 @@ class InstDisc(Method):
         else:
             loss = memory_bank_softmax(embedding @ self.memory_bank.snapshot().t(),
                                        batch.index.to(embedding.device), self.temperature)
-        proximal = (embedding - previous).pow(2).sum(dim=1).mean()
+        # A first visit has no v_i^(t-1) (the entry is still its random start): it adds 0.
+        visited = self.memory_bank.is_written(batch.index).to(embedding.device)
+        proximal = ((embedding - previous).pow(2).sum(dim=1) * visited).mean()
         total = loss + self.proximal_weight * proximal
         # After the bank was read: this step's entries become next visit's v_i^(t-1).
         self.memory_bank.update(gather_no_grad(batch.index.to(embedding.device)),
