@@ -4,10 +4,11 @@ Both train the same backbone (selfsup's ResNet-18, ``--width``, ImageNet stem un
 ``--cifar-stem``, from the same random init) for the same epochs at the same batch size, on the
 same images, on this machine (the same CPU budget), and are evaluated the same way:
 
-- ours: ``selfsup.train.train`` with method ``simclr`` and its paper's defaults (LARS, lr 0.3 x
-  batch / 256, weight decay 1e-6, 10 warm-up epochs unless ``--warmup-epochs``; projector hidden
-  width = feature width, output 128; temperature 0.5), bf16 autocast and channels_last,
-  augmentation batched on the device;
+- ours: ``selfsup.train.train`` with our CIFAR-10 SimCLR recipe, ``configs/simclr_cifar10.yaml``
+  (the paper's CIFAR-10 settings, Appendix B.9: LARS, lr 1.2 x sqrt(batch / 256), weight decay
+  1e-6, 10 warm-up epochs unless ``--warmup-epochs``; projector hidden width = feature width,
+  output 128; temperature 0.5), bf16 autocast and channels_last, augmentation batched on the
+  device; backbone, batch and epochs are this run's;
 - lightly: its CIFAR-10 benchmark recipe (``lightly_simclr.py``: ``SimCLRTransform`` on PIL
   images in DataLoader workers, ``SimCLRProjectionHead``, ``NTXentLoss``, SGD lr 6e-2 x batch /
   128 with momentum 0.9, weight decay 5e-4 and a per-epoch cosine), fp32.
@@ -54,12 +55,13 @@ from lightly_simclr import (LightlySimCLR, lightly_loader, lightly_normalization
                             require_lightly)
 from torch import nn
 
-from selfsup.config import Config, resolve_config
+from selfsup.config import Config, read_yaml, resolve_config
 from selfsup.data import DataSplits, load_data
 from selfsup.errors import SelfSupError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
+OUR_RECIPE = REPO / "configs" / "simclr_cifar10.yaml"
 
 
 # -- choosing the epoch and judging the result (no lightly, no training: unit-tested) -----------
@@ -139,7 +141,9 @@ def knn_scores(backbone: nn.Module, splits: DataSplits, config: Config) -> dict[
 
 # -- the two sides ------------------------------------------------------------------------------
 def our_config(source: str, args: argparse.Namespace) -> Config:
-    """Our trainer's config; ``train.checkpoint_every`` is left to set to the steps per epoch."""
+    """Our CIFAR-10 SimCLR recipe (``configs/simclr_cifar10.yaml``, the paper's Appendix B.9:
+    LARS lr 1.2 x sqrt(B/256), wd 1e-6, T 0.5) at this run's backbone, batch and epochs;
+    ``train.checkpoint_every`` is left to set to the steps per epoch."""
     overrides: dict[str, Any] = {
         "method": "simclr",
         "data": {"source": source, "num_workers": args.workers},
@@ -155,7 +159,8 @@ def our_config(source: str, args: argparse.Namespace) -> Config:
     }
     if args.warmup_epochs is not None:
         overrides["optim"] = {"warmup_epochs": args.warmup_epochs}
-    return resolve_config(overrides=overrides, origin="benchmarks/quality.py")
+    return resolve_config(read_yaml(OUR_RECIPE), overrides=overrides,
+                          origin="benchmarks/quality.py")
 
 
 def epoch_checkpoints(checkpoint_dir: Path, steps_per_epoch: int, epochs: int) -> list[Path]:
