@@ -391,23 +391,19 @@ class RandomResizedCrop(Op[CropParams]):
         if mirror is not None:
             xs = torch.where(mirror[:, None], xs.flip(1), xs)
         # grid_sample with align_corners=True maps -1 and +1 to the first and last pixel centres.
-        gy = (ys * (2.0 / max(height - 1, 1)) - 1.0).view(copies, batch, out_h)
-        gx = (xs * (2.0 / max(width - 1, 1)) - 1.0).view(copies, batch, out_w)
-        crops = images.new_empty((copies * batch, channels, out_h, out_w))
-        for copy in range(copies):
-            grid = torch.stack(
-                (gx[copy, :, None, :].expand(-1, out_h, -1), gy[copy, :, :, None].expand(-1, -1, out_w)),
-                dim=-1,
-            )
-            # Each copy's crops of the whole batch are written straight into their rows of the
-            # copy-major result: one sampling pass per copy, and no transposing copy afterwards
-            # (which cost more than the sampling itself). Mode 0 is bilinear, padding 1 "border"
-            # (F.grid_sample's codes); "border" only absorbs the last-ulp rounding of the
-            # normalised grid: every coordinate already lies inside its crop box.
-            torch.ops.aten.grid_sampler_2d.out(
-                images, grid, 0, 1, True, out=crops[copy * batch : (copy + 1) * batch]
-            )
-        return crops
+        # The copies of image b stack along the grid's rows: one call samples them all.
+        gy = (ys * (2.0 / max(height - 1, 1)) - 1.0).view(copies, batch, out_h).transpose(0, 1)
+        gx = (xs * (2.0 / max(width - 1, 1)) - 1.0).view(copies, batch, out_w).transpose(0, 1)
+        grid = torch.stack(
+            (gx[:, :, None, :].expand(-1, -1, out_h, -1), gy[:, :, :, None].expand(-1, -1, -1, out_w)), dim=-1
+        ).view(batch, copies * out_h, out_w, 2)
+        # "border" only absorbs the last-ulp rounding of the normalised grid: every coordinate
+        # already lies inside its crop box.
+        crops = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        if copies == 1:
+            return crops
+        crops = crops.view(batch, channels, copies, out_h, out_w).permute(2, 0, 1, 3, 4)
+        return crops.reshape(copies * batch, channels, out_h, out_w)
 
     def source_boxes(self, boxes: Tensor, params: CropParams, height: int, width: int) -> Tensor:
         """The crop box ``params`` (in the input's pixels) placed inside each input's own box.
