@@ -33,7 +33,7 @@ def test_a_tie_goes_to_the_earliest_epoch(quality):
         quality.choose_epoch([])
 
 
-def test_verdict_and_table(quality):
+def test_target_is_met_only_at_or_above_lightly_and_the_table_prints_the_difference(quality):
     assert "met" in quality.verdict(0.40, 0.40)
     assert "MISSED" in quality.verdict(0.39, 0.40)
     side = lambda val, test, seconds: {  # noqa: E731
