@@ -122,7 +122,8 @@ class CMC(Method):
       (``nce``, Pn = 1/n) on exp(logit) / Z, with one constant Z per ordered pair estimated
       on the first step as n · mean over the noise of exp(z·v / t) (the code averages over the
       positive too), then fixed (a persistent buffer). After the loss, each bank takes its
-      view's embeddings of the batch (of every process): v <- normalise(0.5 v + 0.5 z).
+      view's embeddings of the batch (of every process): v <- normalise(0.5 v + 0.5 z), a
+      row's first write replacing its random start (:class:`selfsup.memory.MemoryBank`).
     - ``"in_batch"``: no bank, InfoNCE over the batch (``info_nce``): the other samples' view-j
       embeddings of the global batch (gathered with their gradient) are the negatives.
 
