@@ -6,6 +6,10 @@ ResNet-18 at half width with the ImageNet stem (its stride-4 stem brings 32 px i
 step costs a fraction of the CIFAR stem's), bf16 autocast and channels_last, batch 128 (35 steps an
 epoch): an epoch takes about 4 s on 2 CPU cores. Measured: SimCLR's test took 12 epochs and 175 s
 with the CIFAR stem at quarter width in fp32, and takes 6 epochs and 28 s here.
+
+A test may change a section (``pretrain_small``'s keyword arguments), e.g. quarter width and batch
+64 for the slow starters of tests/test_learning_noncontrastive.py; the baseline is always the
+network it trains, at random init.
 """
 
 from pathlib import Path

@@ -1,0 +1,36 @@
+"""Learning tests of the methods of issue 4 (tests/learning.py's setting and margin).
+
+These methods learn more slowly at first than SimCLR: at half width and batch 128 none gained 5
+points within the steps a CI test affords (every run tried is in benchmarks/RESULTS.md). They get
+more optimizer steps for the same compute instead: the same ResNet-18 at quarter width and batch
+64 (70 steps an epoch); the random-init baseline is that network's (25.0%).
+"""
+
+import pytest
+from learning import assert_lifts_knn_accuracy, pretrain_small
+
+pytestmark = pytest.mark.slow
+
+QUARTER_WIDTH_SMALL_BATCH = {"backbone": {"width": 0.25}, "train": {"batch_size": 64}}
+
+
+def test_mocov3_lifts_knn_accuracy_above_random_init(tmp_path):
+    # ResNet MoCo v3 with 1024-wide heads (the paper's 4096 is ImageNet's), the ViT temperature
+    # 0.2 (the ResNet default 1.0 measured 29.3% against 30.7% at half width) and a 1-epoch
+    # warm-up. Measured: 33.5% against 25.0% at random init in 40 epochs (20 epochs: 28.7%).
+    results = pretrain_small(tmp_path, "mocov3", epochs=40, **QUARTER_WIDTH_SMALL_BATCH,
+                             method_args={"proj_hidden_dim": 1024, "pred_hidden_dim": 1024,
+                                          "temperature": 0.2},
+                             optim={"lr": 0.6, "warmup_epochs": 1})
+    assert_lifts_knn_accuracy(results)
+
+
+def test_barlow_twins_lifts_knn_accuracy_above_random_init(tmp_path):
+    # A 1024-wide projector (the paper's 8192 is ImageNet's), lambda 2e-3 (the paper's 5e-3 is
+    # for 8192 dimensions) and solo-learn's CIFAR optimizer: LARS lr 0.3, weight decay 1e-4.
+    # Measured: 31.5% against 25.0% at random init in 30 epochs (12 epochs: 29.8%; 20: 30.5%).
+    results = pretrain_small(tmp_path, "barlow_twins", epochs=30, **QUARTER_WIDTH_SMALL_BATCH,
+                             method_args={"proj_hidden_dim": 1024, "proj_dim": 1024,
+                                          "lambd": 0.002},
+                             optim={"lr": 0.3, "weight_decay": 1e-4, "warmup_epochs": 1})
+    assert_lifts_knn_accuracy(results)
