@@ -189,7 +189,7 @@ def _instdisc(**arguments):
     return build_method("instdisc", _tiny_backbone(), _context(num_samples=32), values)
 
 
-def test_instdisc_bank_update_follows_half_momentum_at_the_batch_indices_only():
+def test_instdisc_bank_takes_the_first_visit_then_half_momentum_at_the_batch_indices_only():
     method = _instdisc()
     before = method.memory_bank.features.clone()
     index = torch.tensor([3, 9, 17, 30])
