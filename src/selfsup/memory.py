@@ -74,7 +74,7 @@ class MemoryBank(nn.Module):
 
     def is_written(self, index: torch.Tensor) -> torch.Tensor:
         """Whether each entry at ``index`` holds a feature (False: still its random start)."""
-        return self.written[index.to(self.written.device)].clone()
+        return self.written[index.to(self.written.device)]  # indexing by a tensor copies
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, new_features: torch.Tensor, momentum: float) -> None:
