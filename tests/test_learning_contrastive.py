@@ -1,12 +1,12 @@
 """Learning tests of the contrastive family: on real images (the embedded CIFAR-10 sample),
-pretraining must lift kNN top-1 clearly above the same network at random init (same seed, same
-architecture); and SupCon, which sees the labels, must beat SimCLR at the same budget.
+pretraining must lift kNN top-1 (PixPro: linear-probe top-1) clearly above the same network at
+random init (same seed, same architecture); and SupCon, which sees the labels, must beat SimCLR at the same budget.
 
 The setting (network, batch, data) is tests/learning.py's, shared by every learning test.
 """
 
 import pytest
-from learning import assert_lifts_knn_accuracy, pretrain_small
+from learning import QUARTER_WIDTH_SMALL_BATCH, assert_lifts_accuracy, pretrain_small
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ def test_supcon_beats_simclr_knn_accuracy_at_the_same_budget(tmp_path):
 def test_invaspread_lifts_knn_accuracy_above_random_init(tmp_path):
     # The paper's settings (lr 0.03 at batch 128, temperature 0.1, linear head). Measured: 35.8%
     # against 26.9% at random init in 4 epochs.
-    assert_lifts_knn_accuracy(pretrain_small(tmp_path, "invaspread", epochs=4))
+    assert_lifts_accuracy(pretrain_small(tmp_path, "invaspread", epochs=4))
 
 
 def test_cmc_lifts_knn_accuracy_above_random_init(tmp_path):
@@ -34,7 +34,7 @@ def test_cmc_lifts_knn_accuracy_above_random_init(tmp_path):
     # bank default learned nothing measurable in 6 epochs (24.8%): its entries start random and
     # each is refreshed once an epoch, so the positives are noise for the whole first epoch.
     results = pretrain_small(tmp_path, "cmc", epochs=6, method_args={"objective": "in_batch"})
-    assert_lifts_knn_accuracy(results)
+    assert_lifts_accuracy(results)
 
 
 def test_mocov1_lifts_knn_accuracy_above_random_init(tmp_path):
@@ -45,4 +45,31 @@ def test_mocov1_lifts_knn_accuracy_above_random_init(tmp_path):
     results = pretrain_small(tmp_path, "mocov1", epochs=16, method_args={"queue_size": 1024},
                              optim={"name": "lars", "lr": 1.2, "lr_scaling": "sqrt",
                                     "warmup_epochs": 1, "weight_decay": 1e-6})
-    assert_lifts_knn_accuracy(results)
+    assert_lifts_accuracy(results)
+
+
+def test_instdisc_lifts_knn_accuracy_above_random_init(tmp_path):
+    # The full non-parametric softmax over the bank (eq. 2-3; objective=softmax) with the authors'
+    # CIFAR settings (t = 0.1, SGD lr 0.06 x B/256, bank momentum 0.5, no proximal term), at
+    # quarter width and batch 64. Measured: 34.9% against 25.0% at random init in 30 epochs. The
+    # paper's NCE collapses here (17.2%; the embeddings' rank falls to ~3 within two epochs), and
+    # at half width and batch 128 the softmax gained only 1.7 points in 20 epochs.
+    results = pretrain_small(tmp_path, "instdisc", epochs=30, **QUARTER_WIDTH_SMALL_BATCH,
+                             method_args={"objective": "softmax", "temperature": 0.1,
+                                          "proximal_weight": 0.0},
+                             optim={"lr": 0.06})
+    assert_lifts_accuracy(results)
+
+
+def test_pixpro_lifts_linear_accuracy_above_random_init(tmp_path):
+    # PixPro compares pixels of the last feature map, which the ImageNet stem shrinks to 1x1 at
+    # 32 px, so this test takes the CIFAR stem (a 4x4 map) at quarter width. 1024 hidden units,
+    # LARS lr 2.0 x B/256 with a 1-epoch warm-up, and a momentum starting at 0.9 instead of 0.99
+    # (0.99 with lr 1.0 lost 3.5 points in 8 epochs). The probe that fits a dense method: linear on
+    # pooled features. Measured: 37.8% against 30.5% at random init in 16 epochs (12: 36.1%).
+    results = pretrain_small(tmp_path, "pixpro", epochs=16,
+                             backbone={"cifar_stem": True, "width": 0.25},
+                             method_args={"proj_hidden_dim": 1024, "base_momentum": 0.9},
+                             optim={"lr": 2.0, "warmup_epochs": 1},
+                             eval={"after_training": ["knn", "linear"]})
+    assert_lifts_accuracy(results, probe="linear")
