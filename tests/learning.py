@@ -18,7 +18,7 @@ from typing import Any
 from selfsup.config import resolve_config
 from selfsup.train import train
 
-MARGIN = 0.05  # five points of kNN top-1
+MARGIN = 0.05  # five points of top-1
 
 # The section for slow starters: the same ResNet-18 at quarter width and batch 64 (70 steps an
 # epoch), twice the optimizer steps for about the same compute; its random init scores 25.0%.
