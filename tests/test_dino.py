@@ -135,6 +135,17 @@ def test_dino_head_is_a_gelu_mlp_to_a_normalised_bottleneck_then_a_weight_normal
                 if isinstance(m, nn.Linear)]) == 1
 
 
+def test_dino_head_with_use_bn_normalises_each_hidden_layer_before_its_gelu():
+    # The reference's --use_bn_in_head: Linear, BatchNorm1d, GELU per hidden layer; the layer to
+    # the bottleneck has none.
+    head = DINOHead(12, out_dim=20, hidden_dim=16, bottleneck_dim=8, use_bn=True)
+    kinds = [type(m).__name__ for m in head.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
+    head.train()
+    hidden = head.mlp[:2](torch.randn(32, 12) * 5 + 3)
+    assert torch.allclose(hidden.mean(dim=0), torch.zeros(16), atol=1e-5)
+
+
 def test_dino_head_keeps_g_at_one_when_the_last_layer_is_normalised():
     head = DINOHead(6, out_dim=10, hidden_dim=8, bottleneck_dim=4)
     magnitude = head.last_layer.parametrizations.weight.original0
@@ -216,7 +227,8 @@ def _move_student(method, scale=0.1):
 def test_dino_defaults_are_the_papers():
     assert method_hyperparameters("dino") == {
         "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256, "num_layers": 3,
-        "norm_last_layer": True, "num_local_crops": 10, "student_temperature": 0.1,
+        "norm_last_layer": True, "use_bn_in_head": False, "num_local_crops": 10,
+        "student_temperature": 0.1,
         "teacher_temperature": 0.07, "warmup_teacher_temperature": 0.04,
         "warmup_teacher_temperature_epochs": 30, "center_momentum": 0.9,
         "base_momentum": 0.996, "freeze_last_layer_epochs": 1.0, "clip_grad": 3.0}

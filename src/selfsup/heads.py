@@ -43,7 +43,8 @@ class DINOHead(nn.Module):
     ``DINOHead`` of facebookresearch/dino, ``vision_transformer.py``).
 
     A ``num_layers``-layer MLP with GELU (``in_dim`` -> ``hidden_dim`` ... -> ``bottleneck_dim``,
-    no BatchNorm, weights from a normal of std 0.02 truncated at +-2, biases 0), L2
+    weights from a normal of std 0.02 truncated at +-2, biases 0; with ``use_bn``, a BatchNorm
+    after every hidden layer, the reference's ``--use_bn_in_head``, off by default), L2
     normalisation, then a weight-normalised linear layer without bias to ``out_dim``
     (``w = g v / |v|`` per output row, with g set to 1). ``norm_last_layer`` keeps g at 1 (no
     gradient), as the paper recommends for stability.
@@ -55,7 +56,7 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, num_layers: int = 3,
-                 norm_last_layer: bool = True) -> None:
+                 norm_last_layer: bool = True, use_bn: bool = False) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"DINOHead needs at least 1 layer, got num_layers={num_layers}")
@@ -63,6 +64,8 @@ class DINOHead(nn.Module):
         layers: list[nn.Module] = []
         for index, (width_in, width_out) in enumerate(zip(widths, widths[1:])):
             if index > 0:
+                if use_bn:
+                    layers.append(nn.BatchNorm1d(width_in))
                 layers.append(nn.GELU())
             linear = nn.Linear(width_in, width_out)
             nn.init.trunc_normal_(linear.weight, std=0.02, a=-2.0, b=2.0)

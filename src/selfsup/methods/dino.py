@@ -54,7 +54,8 @@ class DINO(Method):
     function of the checkpointed step, so a resumed run continues exactly.
 
     Defaults are the paper's: head 2048 hidden, 256 bottleneck, 65536 outputs, 3 layers, last
-    layer normalised; 10 local crops (the paper's 2 x 224 + 10 x 96 multi-crop; the reference's
+    layer normalised, no BatchNorm in the head (``use_bn_in_head``: the reference's
+    ``--use_bn_in_head``, BatchNorm after each hidden layer); 10 local crops (the paper's 2 x 224 + 10 x 96 multi-crop; the reference's
     default is 8). Optimizer: the paper's AdamW, lr 5e-4 x batch / 256, weight decay 0.04, 10
     warm-up epochs, cosine; the weight decay rises from 0.04 to 0.4 on a cosine
     (``optim.weight_decay_end``). The student's gradients are clipped at norm ``clip_grad`` = 3
@@ -80,7 +81,8 @@ class DINO(Method):
     def __init__(self, backbone: nn.Module, context: MethodContext,
                  out_dim: PositiveInt = 65536, hidden_dim: PositiveInt = 2048,
                  bottleneck_dim: PositiveInt = 256, num_layers: PositiveInt = 3,
-                 norm_last_layer: bool = True, num_local_crops: NonNegativeInt = 10,
+                 norm_last_layer: bool = True, use_bn_in_head: bool = False,
+                 num_local_crops: NonNegativeInt = 10,
                  student_temperature: PositiveFloat = 0.1,
                  teacher_temperature: PositiveFloat = 0.07,
                  warmup_teacher_temperature: PositiveFloat = 0.04,
@@ -92,7 +94,7 @@ class DINO(Method):
         super().__init__(backbone, context)
         self.num_views = NUM_GLOBAL_CROPS + num_local_crops
         head = DINOHead(context.feature_dim, out_dim, hidden_dim, bottleneck_dim, num_layers,
-                        norm_last_layer)
+                        norm_last_layer, use_bn_in_head)
         self.student = nn.Sequential(backbone, head)
         self.teacher = MomentumCopy(self.student)
         self.backbone = self.teacher.module[0]
