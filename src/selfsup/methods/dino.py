@@ -53,24 +53,25 @@ class DINO(Method):
     ``freeze_last_layer_epochs`` (the reference's ``--freeze_last_layer 1``). Every schedule is a
     function of the checkpointed step, so a resumed run continues exactly.
 
-    Defaults are the paper's: head 2048 hidden, 256 bottleneck, 65536 outputs, 3 layers, last
-    layer normalised, no BatchNorm in the head (``use_bn_in_head``: the reference's
-    ``--use_bn_in_head``, BatchNorm after each hidden layer); 10 local crops (the paper's 2 x 224 + 10 x 96 multi-crop; the reference's
-    default is 8). Optimizer: the paper's AdamW, lr 5e-4 x batch / 256, weight decay 0.04, 10
-    warm-up epochs, cosine; the weight decay rises from 0.04 to 0.4 on a cosine
+    Defaults are the paper's: head 2048 hidden, 256 bottleneck, 65536 outputs, 3 layers, last layer
+    normalised, no BatchNorm in the head (``use_bn_in_head``: the reference's ``--use_bn_in_head``,
+    BatchNorm after each hidden layer); 10 local crops (the paper's 2 x 224 + 10 x 96 multi-crop;
+    the reference's default is 8). Optimizer: the paper's AdamW, lr 5e-4 x batch / 256, weight decay
+    0.04, 10 warm-up epochs, cosine; the weight decay rises from 0.04 to 0.4 on a cosine
     (``optim.weight_decay_end``). The student's gradients are clipped at norm ``clip_grad`` = 3
-    parameter tensor by parameter tensor, as the reference's ``clip_gradients`` does (each
-    tensor's own norm, not the global one), after the cross-process reduction.
+    parameter tensor by parameter tensor, as the reference's ``clip_gradients`` does (each tensor's
+    own norm, not the global one), after the cross-process reduction.
 
     Evaluation uses the TEACHER's backbone: ``backbone`` is the teacher's (the student's is
-    ``student[0]``). The paper evaluates the teacher (Section 3.1, "Teacher network": it
-    "has better performance than the student throughout the training", Figure 6 of the
-    ablations; the reference's ``eval_knn.py`` and ``eval_linear.py`` load
-    ``--checkpoint_key teacher``), unlike the momentum methods that evaluate their online
-    network. The online probe reads the teacher's features of the first crop too; the collapse
-    monitors read the student's backbone features of the global crops, and the log has the teacher's entropy and the KL divergence from teacher to student (their
-    sum is the loss), whose collapse signatures the paper's ablations plot (Figure 7): both
-    collapses have KL 0, uniform collapse with entropy log K, one-hot collapse with entropy 0.
+    ``student[0]``). The paper evaluates the teacher (Section 3.1, "Teacher network": it "has better
+    performance than the student throughout the training", Figure 6 of the ablations; the
+    reference's ``eval_knn.py`` and ``eval_linear.py`` load ``--checkpoint_key teacher``), unlike
+    the momentum methods that evaluate their online network. The online probe reads the teacher's
+    features of the first crop too; the collapse monitors read the student's backbone features of
+    the global crops, and the log has the teacher's entropy and the KL divergence from teacher to
+    student (their sum is the loss), whose collapse signatures the paper's ablations plot (Figure
+    7): both collapses have KL 0, uniform collapse with entropy log K, one-hot collapse with entropy
+    0.
     """
 
     name = "dino"
