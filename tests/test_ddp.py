@@ -40,9 +40,14 @@ def test_gathered_loss_and_gradients_equal_one_process_on_the_concatenated_batch
     recorded = torch.load(ddp_outputs / f"{loss_name}.pt", weights_only=True)
     # Each process averages over its own anchors; the mean of the two is the global mean.
     assert recorded["losses"].mean().item() == pytest.approx(loss.item(), rel=1e-5)
-    # atol 1e-6: a bias right before BatchNorm has a gradient of exactly zero in theory, float
-    # rounding noise (~1e-7) in practice.
+    # The bias right before BatchNorm has a gradient of exactly zero in theory: on both sides it
+    # is float rounding noise (measured up to 8e-7), so it is checked to be that, not compared.
+    before_batchnorm = {"0.bias"} if loss_name == "global_batchnorm" else set()
     for name, parameter in model.named_parameters():
+        if name in before_batchnorm:
+            assert recorded["grads"][name].abs().max() < 1e-5, name
+            assert parameter.grad.abs().max() < 1e-5, name
+            continue
         assert torch.allclose(recorded["grads"][name], parameter.grad, rtol=1e-5, atol=1e-6), name
     for name, buffer in model.named_buffers():
         assert torch.allclose(recorded["buffers"][name].to(buffer.dtype), buffer, rtol=1e-5,
