@@ -15,8 +15,10 @@ pytestmark = pytest.mark.slow
 
 def test_simclr_lifts_knn_accuracy_above_random_init(tmp_path):
     # LARS at lr 1.2 with square-root scaling, the SimCLR paper's choice for small batches
-    # (Appendix B.1). Measured: 33.1% against 26.9% at random init in 6 epochs (8: 33.1%).
-    results = pretrain_small(tmp_path, "simclr", epochs=6,
+    # (Appendix B.1). Measured: 35.7% against 26.9% at random init in 10 epochs. 6 epochs gave
+    # 33.1% on one machine and 31.8% on another with the same seed (their kernels or package
+    # versions differ, and a short bf16 run amplifies any rounding difference): too close.
+    results = pretrain_small(tmp_path, "simclr", epochs=10,
                              optim={"lr": 1.2, "lr_scaling": "sqrt", "warmup_epochs": 1})
     assert_lifts_accuracy(results)
 

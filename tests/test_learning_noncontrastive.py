@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 def test_mocov3_lifts_knn_accuracy_above_random_init(tmp_path):
     # ResNet MoCo v3 with 1024-wide heads (the paper's 4096 is ImageNet's), the ViT temperature
     # 0.2 (the ResNet default 1.0 measured 29.3% against 30.7% at half width), a 1-epoch warm-up
-    # and a momentum starting at 0.9 instead of 0.99, as for BYOL below. Measured: 31.2% against
-    # 25.0% at random init in 20 epochs (momentum 0.99: 28.7% in 20 epochs, 33.5% in 40).
+    # and a momentum starting at 0.9 instead of 0.99, so that the target keeps up in a run this
+    # short. Measured: 31.2% against 25.0% at random init in 20 epochs (momentum 0.99: 28.7% in
+    # 20 epochs, 33.5% in 40).
     results = pretrain_small(tmp_path, "mocov3", epochs=20, **QUARTER_WIDTH_SMALL_BATCH,
                              method_args={"proj_hidden_dim": 1024, "pred_hidden_dim": 1024,
                                           "temperature": 0.2, "base_momentum": 0.9},
@@ -34,17 +35,4 @@ def test_barlow_twins_lifts_knn_accuracy_above_random_init(tmp_path):
                              method_args={"proj_hidden_dim": 1024, "proj_dim": 1024,
                                           "lambd": 0.002},
                              optim={"lr": 0.3, "weight_decay": 1e-4, "warmup_epochs": 1})
-    assert_lifts_accuracy(results)
-
-
-def test_byol_lifts_knn_accuracy_above_random_init(tmp_path):
-    # 1024-wide heads (the paper's 4096 is ImageNet's), LARS lr 2.0 x B/256 with weight decay
-    # 1e-5 and a 1-epoch warm-up, and a target momentum starting at 0.9 instead of 0.99: in a
-    # run this short 0.99's slowly moving target held kNN near random init (40 epochs: 28.6%;
-    # 80: 29.9%). Measured: 32.2% against 25.0% at random init in 30 epochs (20 epochs: 29.2%;
-    # lr 1.0: 28.5% in 20, 31.1% in 40; lr 4.0: 23.8% in 20).
-    results = pretrain_small(tmp_path, "byol", epochs=30, **QUARTER_WIDTH_SMALL_BATCH,
-                             method_args={"proj_hidden_dim": 1024, "pred_hidden_dim": 1024,
-                                          "base_momentum": 0.9},
-                             optim={"lr": 2.0, "weight_decay": 1e-5, "warmup_epochs": 1})
     assert_lifts_accuracy(results)
