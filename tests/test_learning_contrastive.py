@@ -1,7 +1,6 @@
 """Learning tests of the contrastive family: on real images (the embedded CIFAR-10 sample),
-pretraining must lift kNN top-1 clearly above the same network at
-random init (same seed, same architecture); and SupCon, which sees the labels, must beat SimCLR at
-the same budget.
+pretraining must lift kNN top-1 clearly above the same network at random init (same seed, same
+architecture); and SupCon, which sees the labels, must beat SimCLR at the same budget.
 
 The setting (network, batch, data) is tests/learning.py's, shared by every learning test.
 """
