@@ -2,8 +2,8 @@
 clearly above the same network at random init (same seed, same architecture).
 
 The setting (network, batch, data) is tests/learning.py's, shared by every learning test; SimCLR,
-SimCLR v2 and MoCo v2 here; InvaSpread, CMC, MoCo v1, InstDisc, PixPro (and SupCon against SimCLR)
-in tests/test_learning_contrastive.py; MoCo v3, Barlow Twins and BYOL in
+SimCLR v2 and MoCo v2 here; InvaSpread, CMC, MoCo v1, InstDisc (and SupCon against SimCLR) in
+tests/test_learning_contrastive.py; MoCo v3 and Barlow Twins in
 tests/test_learning_noncontrastive.py.
 """
 
