@@ -27,9 +27,9 @@ def test_mocov2_lifts_knn_accuracy_above_random_init(tmp_path):
     # MoCo learns more slowly at the start than SimCLR (its queue first fills with keys from a
     # lagging encoder): a queue of 1024 that holds ~8 batches rather than nearly the whole
     # 4,500-image sample, and SimCLR's small-batch optimizer (LARS, lr 1.2 with square-root
-    # scaling), as the MoCo v1 test. Measured in 12 epochs: 33.7% (AMD EPYC) and 35.0% (Intel
+    # scaling), as the MoCo v1 test. Measured in 12 epochs: 33.7% (AMD Zen 4) and 35.0% (Intel
     # Ice Lake, no native bf16) against 26.9% at random init. The paper's SGD at lr 0.03 x B/256
-    # passed with 33.6% in 16 epochs on the AMD machines but gave 30.3% on the Intel one.
+    # gave 33.6% in 16 epochs on the AMD machine but 30.3% on the Intel one.
     results = pretrain_small(tmp_path, "mocov2", epochs=12, method_args={"queue_size": 1024},
                              optim={"name": "lars", "lr": 1.2, "lr_scaling": "sqrt",
                                     "warmup_epochs": 1, "weight_decay": 1e-6})
