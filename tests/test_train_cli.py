@@ -86,6 +86,18 @@ def test_bf16_precision_trains_on_cpu(tmp_path, capsys):
                  "--out", str(tmp_path), "--no-eval", "--json", *TINY]) == 0
     results = _last_json(capsys)
     assert np.isfinite(results["final_loss"])
+    assert results["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_trains_in_bf16_only_on_a_cpu_with_native_bf16(native, tmp_path, capsys,
+                                                                      monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert main(["train", "--method", "simclr", "--max-steps", "1", "--precision", "auto",
+                 "--accelerator", "cpu", "--out", str(tmp_path), "--no-eval", "--json",
+                 *TINY]) == 0
+    assert _last_json(capsys)["precision"] == ("bf16" if native else "32")
 
 
 def test_two_cpu_devices_run_ddp_over_gloo_and_write_one_checkpoint(tmp_path):

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, help="base learning rate per 256 images")
     train.add_argument("--optimizer", choices=["sgd", "lars", "adamw"])
     train.add_argument("--seed", type=int)
-    train.add_argument("--precision", choices=["32", "bf16"])
+    train.add_argument("--precision", choices=["32", "bf16", "auto"])
     train.add_argument("--accelerator", choices=["auto", "cpu", "gpu"])
     train.add_argument("--devices", type=int, help="devices per node; > 1 runs DDP")
     train.add_argument("--num-nodes", type=int)
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="weight of the distillation loss; 1 - alpha weighs the "
                          "cross-entropy on the teacher's labelled subset (default 1)")
     distill.add_argument("--seed", type=int)
-    distill.add_argument("--precision", choices=["32", "bf16"])
+    distill.add_argument("--precision", choices=["32", "bf16", "auto"])
     distill.add_argument("--num-workers", type=int, help="data loader worker processes")
     distill.add_argument("--overwrite", action="store_true",
                          help="replace an earlier distillation's student.pt and results.json")

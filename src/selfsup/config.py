@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
                       PositiveInt)
 
 from selfsup.errors import ConfigError
+from selfsup.precision import Precision
 
 
 class _Section(BaseModel):
@@ -64,7 +65,8 @@ class TrainConfig(_Section):
     max_steps: PositiveInt | None = None
     batch_size: PositiveInt = 256
     seed: int = 0
-    precision: Literal["32", "bf16"] = "32"
+    # "auto": bf16 autocast where the device computes bf16 natively, float32 elsewhere.
+    precision: Precision = "32"
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: PositiveInt = 1
     num_nodes: PositiveInt = 1

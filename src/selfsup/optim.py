@@ -31,25 +31,34 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for parameter in group["params"]:
-                if parameter.grad is None:
-                    continue
-                update = parameter.grad
-                if not group["lars_exclude"]:
-                    update = update.add(parameter, alpha=group["weight_decay"])
-                    weight_norm = torch.linalg.vector_norm(parameter)
-                    update_norm = torch.linalg.vector_norm(update)
-                    trust = torch.where(
-                        (weight_norm > 0) & (update_norm > 0),
-                        group["trust_coefficient"] * weight_norm / (update_norm + group["eps"]),
-                        torch.ones_like(weight_norm))
-                    update = update.mul(trust)
+            parameters = [p for p in group["params"] if p.grad is not None]
+            if not parameters:
+                continue
+            # One multi-tensor kernel per operation over the group, not ~10 small ones per
+            # parameter: on a CPU the per-parameter loop cost ~10 ms a step for a ResNet-18.
+            updates = [p.grad for p in parameters]
+            if not group["lars_exclude"]:
+                updates = torch._foreach_add(updates, parameters, alpha=group["weight_decay"])
+                weight_norms = torch.stack(torch._foreach_norm(parameters))
+                update_norms = torch.stack(torch._foreach_norm(updates))
+                trust = torch.where(
+                    (weight_norms > 0) & (update_norms > 0),
+                    group["trust_coefficient"] * weight_norms / (update_norms + group["eps"]),
+                    torch.ones_like(weight_norms))
+                torch._foreach_mul_(updates, list(trust.unbind()))
+            buffers, continuing, continuing_updates = [], [], []
+            for parameter, update in zip(parameters, updates):
                 state = self.state[parameter]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(update).detach()
+                if "momentum_buffer" in state:
+                    continuing.append(state["momentum_buffer"])
+                    continuing_updates.append(update)
                 else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
-                parameter.add_(state["momentum_buffer"], alpha=-group["lr"])
+                    state["momentum_buffer"] = torch.clone(update).detach()
+                buffers.append(state["momentum_buffer"])
+            if continuing:
+                torch._foreach_mul_(continuing, group["momentum"])
+                torch._foreach_add_(continuing, continuing_updates)
+            torch._foreach_add_(parameters, buffers, alpha=-group["lr"])
         return loss
 
 

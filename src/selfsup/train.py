@@ -36,6 +36,7 @@ from selfsup.evaluate.metrics import collapse_metrics
 from selfsup.methods import Batch, Method, MethodContext, build_method
 from selfsup.optim import (WarmupCosine, build_optimizer, constant_schedule,
                            scaled_learning_rate, schedule_weight_decay)
+from selfsup.precision import accelerator_device_type, resolve_precision
 
 
 class NonFiniteLossError(SelfSupError):
@@ -427,10 +428,12 @@ def train(config: Config) -> dict[str, Any]:
     # never deletes the metrics its earlier attempts wrote.
     loggers = [CSVLogger(out / "logs", name="csv"),
                TensorBoardLogger(out / "logs", name="tensorboard")]
+    precision = resolve_precision(config.train.precision,
+                                  accelerator_device_type(config.train.accelerator))
     trainer = L.Trainer(
         accelerator=config.train.accelerator, devices=config.train.devices,
         num_nodes=config.train.num_nodes, strategy="ddp" if world > 1 else "auto",
-        precision="bf16-mixed" if config.train.precision == "bf16" else "32-true",
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
         max_epochs=config.train.epochs if config.train.epochs is not None else -1,
         max_steps=config.train.max_steps or -1, logger=loggers, callbacks=[checkpointing],
         log_every_n_steps=config.train.log_every, num_sanity_val_steps=0,
@@ -461,6 +464,7 @@ def train(config: Config) -> dict[str, Any]:
     results: dict[str, Any] = {"method": config.method, "backbone": config.backbone.name,
                                "data": config.data.source, "steps": trainer.global_step,
                                "global_batch_size": config.train.batch_size * world,
+                               "precision": precision,
                                "lr": scaled_learning_rate(config.optim,
                                                           config.train.batch_size * world),
                                "train_seconds": round(train_seconds, 1),

@@ -5,7 +5,7 @@ self-distillation of a fine-tuned classifier into a student (SimCLR v2's third s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from selfsup.evaluate.finetune import (FinetuneResult, balanced_label_subset,
                                        save_classifier)
 from selfsup.evaluate.knn import knn_predict, knn_top1
 from selfsup.evaluate.linear import LinearProbeResult, linear_probe
+from selfsup.precision import Precision
 
 __all__ = ["evaluate_backbone", "evaluate_knn_bank", "extract_features", "knn_predict", "knn_top1", "linear_probe",
            "LinearProbeResult", "finetune", "finetune_backbone", "FinetuneResult",
@@ -80,7 +81,7 @@ def evaluate_backbone(backbone: nn.Module, splits: DataSplits, config: EvalConfi
 
 
 def finetune_backbone(backbone: nn.Module, splits: DataSplits, config: EvalConfig,
-                      fraction: float, seed: int = 0, precision: Literal["32", "bf16"] = "32",
+                      fraction: float, seed: int = 0, precision: Precision = "32",
                       suffix: str = "", num_workers: int = 0,
                       skips: SkipLog | None = None, classifier_out: str | Path | None = None,
                       pretraining: dict[str, Any] | None = None) -> dict[str, Any]:

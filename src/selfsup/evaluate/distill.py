@@ -32,7 +32,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from selfsup.evaluate.finetune import (_top1, balanced_label_subset, fit_classif
                                        linear_classifier, load_classifier, save_classifier)
 from selfsup.losses import distillation
 from selfsup.optim import build_optimizer
+from selfsup.precision import Precision
 
 # Section 4 of the paper.
 SELF_DISTILLATION_TEMPERATURE = 0.1
@@ -109,7 +110,7 @@ def distill(teacher: nn.Module, student_backbone: nn.Module, splits: DataSplits,
             temperature: float = SELF_DISTILLATION_TEMPERATURE, alpha: float = 1.0,
             labelled: np.ndarray | None = None, lrs: Sequence[float] = DEFAULT_LRS,
             epochs: int = PAPER_EPOCHS, batch_size: int = PAPER_BATCH_SIZE, seed: int = 0,
-            device: torch.device | str | None = None, precision: Literal["32", "bf16"] = "32",
+            device: torch.device | str | None = None, precision: Precision = "32",
             eval_batch_size: int = 512, num_workers: int = 0,
             skips: SkipLog | None = None) -> DistillResult:
     """Distil ``teacher`` (a classifier: images -> logits) into ``student_backbone`` + a new
@@ -209,7 +210,7 @@ def distill_classifier_file(teacher_path: str | Path, out: str | Path, *, data: 
                             temperature: float | None = None, alpha: float = 1.0,
                             lrs: Sequence[float] | None = None, epochs: int | None = None,
                             batch_size: int | None = None, seed: int | None = None,
-                            precision: Literal["32", "bf16"] | None = None,
+                            precision: Precision | None = None,
                             device: torch.device | str | None = None, num_workers: int = 0,
                             overwrite: bool = False) -> dict[str, Any]:
     """``selfsup distill``: read a fine-tuned classifier (``selfsup eval finetune --out``, or an

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from selfsup.data import UNLABELED, DataInfo, DataSplits, SkipLog, build_loader
 from selfsup.errors import CheckpointError, ConfigError, DataError
 from selfsup.evaluate.features import extract_features
 from selfsup.optim import WarmupCosine
+from selfsup.precision import Precision, resolve_precision
 
 # Label fractions up to this one get the paper's 1% schedule.
 _ONE_PERCENT = 0.01
@@ -145,7 +146,7 @@ def fit_classifier(model: nn.Module, dataset: Dataset, info: DataInfo,
                    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], epochs: int,
                    batch_size: int, objective: Objective, generator: torch.Generator,
                    seed: int = 0, warmup_steps: int = 0, device: torch.device | str = "cpu",
-                   precision: Literal["32", "bf16"] = "32", num_workers: int = 0,
+                   precision: Precision = "32", num_workers: int = 0,
                    skips: SkipLog | None = None) -> nn.Module:
     """Train ``model`` (in place) on ``dataset`` with ``objective``, for ``epochs``: the one
     classifier-training loop of fine-tuning and distillation.
@@ -155,6 +156,7 @@ def fit_classifier(model: nn.Module, dataset: Dataset, info: DataInfo,
     warm-up over ``warmup_steps`` then a cosine decay to 0 at the last step.
     """
     device = torch.device(device)
+    bf16 = resolve_precision(precision, device.type) == "bf16"
     model = model.to(device).train()
     augment = finetune_augmentation(info)
     loader = build_loader(dataset, batch_size, shuffle=True, drop_last=False,
@@ -165,7 +167,7 @@ def fit_classifier(model: nn.Module, dataset: Dataset, info: DataInfo,
     for _ in range(epochs):
         for images, labels, index in loader:
             (view,) = augment(images.to(device, non_blocking=True), generator)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = objective(model, view, labels.to(device), index.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -176,7 +178,7 @@ def fit_classifier(model: nn.Module, dataset: Dataset, info: DataInfo,
 
 def train_classifier(backbone: nn.Module, dataset: Dataset, info: DataInfo, lr: float,
                      epochs: int, batch_size: int, seed: int = 0,
-                     device: torch.device | str = "cpu", precision: Literal["32", "bf16"] = "32",
+                     device: torch.device | str = "cpu", precision: Precision = "32",
                      num_workers: int = 0, skips: SkipLog | None = None) -> nn.Sequential:
     """``backbone`` + a linear head trained end to end on ``dataset`` (in place: pass a copy).
 
@@ -195,7 +197,7 @@ def train_classifier(backbone: nn.Module, dataset: Dataset, info: DataInfo, lr: 
 def finetune(backbone: nn.Module, splits: DataSplits, fraction: float,
              lrs: Sequence[float] | None = None, epochs: int | None = None,
              batch_size: int = 256, seed: int = 0, device: torch.device | str | None = None,
-             precision: Literal["32", "bf16"] = "32", eval_batch_size: int = 512,
+             precision: Precision = "32", eval_batch_size: int = 512,
              num_workers: int = 0, skips: SkipLog | None = None) -> FinetuneResult:
     """Fine-tune a copy of ``backbone`` on ``fraction`` of the train split's labels (class
     balanced, drawn with ``seed``) once per learning rate in ``lrs`` (per 256 images); keep the
