@@ -21,7 +21,7 @@ def native_bf16(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if device_type == "cpu":
-        # Private probes (the ones torch.compile's CPU backend asks), absent from older releases.
+        # Private probes of torch.cpu, absent from older torch releases.
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
     return False
