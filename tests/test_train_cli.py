@@ -92,12 +92,24 @@ def test_bf16_precision_trains_on_cpu(tmp_path, capsys):
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_trains_in_bf16_only_on_a_cpu_with_native_bf16(native, tmp_path, capsys,
                                                                       monkeypatch):
+    import lightning
+
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    trainer_precisions = []
+
+    class RecordingTrainer(lightning.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainer_precisions.append(self.precision)
+
+    monkeypatch.setattr("selfsup.train.L.Trainer", RecordingTrainer)
     assert main(["train", "--method", "simclr", "--max-steps", "1", "--precision", "auto",
                  "--accelerator", "cpu", "--out", str(tmp_path), "--no-eval", "--json",
                  *TINY]) == 0
     assert _last_json(capsys)["precision"] == ("bf16" if native else "32")
+    # What Lightning trains in, not only what the results say.
+    assert trainer_precisions == ["bf16-mixed" if native else "32-true"]
 
 
 def test_two_cpu_devices_run_ddp_over_gloo_and_write_one_checkpoint(tmp_path):

@@ -34,8 +34,8 @@ class LARS(torch.optim.Optimizer):
             parameters = [p for p in group["params"] if p.grad is not None]
             if not parameters:
                 continue
-            # One multi-tensor kernel per operation over the group, not ~10 small ones per
-            # parameter: on a CPU the per-parameter loop cost ~10 ms a step for a ResNet-18.
+            # One multi-tensor kernel per operation over the group rather than several small ones
+            # per parameter (quarter-width ResNet-18 on a CPU: 4.9 -> 4.0 ms a step, bitwise equal).
             updates = [p.grad for p in parameters]
             if not group["lars_exclude"]:
                 updates = torch._foreach_add(updates, parameters, alpha=group["weight_decay"])
