@@ -151,3 +151,22 @@ def test_finetune_runs_on_cuda_in_bf16(sample):
     result = finetune(_tiny_backbone(), tiny_splits(sample), 1.0, lrs=[0.05], epochs=1,
                       batch_size=50, device="cuda", precision="bf16")
     assert result.num_labels == 100 and 0.0 <= result.test_top1 <= 1.0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_finetune_with_auto_precision_trains_in_bf16_only_on_a_cpu_with_native_bf16(
+        sample, native, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    splits = tiny_splits(sample)
+
+    def weights(precision: str) -> dict[str, torch.Tensor]:
+        result = finetune(_tiny_backbone(), splits, 1.0, lrs=[0.05], epochs=1, batch_size=50,
+                          seed=0, device="cpu", precision=precision)
+        return result.model.state_dict()
+
+    expected_precision, other_precision = ("bf16", "32") if native else ("32", "bf16")
+    auto, expected, other = weights("auto"), weights(expected_precision), weights(other_precision)
+    assert any(not torch.equal(other[k], expected[k]) for k in expected)  # the two differ
+    for key, value in expected.items():
+        assert torch.equal(auto[key], value), key
