@@ -1,37 +1,46 @@
-"""Quality against lightly: our SimCLR and lightly's SimCLR on the full CIFAR-10, same budget.
+"""Quality against lightly: our method and lightly's on CIFAR-10, same budget.
 
 Both train the same backbone (selfsup's ResNet-18, ``--width``, ImageNet stem unless
 ``--cifar-stem``, from the same random init) for the same epochs at the same batch size, on the
 same images, on this machine (the same CPU budget), and are evaluated the same way:
 
-- ours: ``selfsup.train.train`` with our CIFAR-10 SimCLR recipe, ``configs/simclr_cifar10.yaml``
-  (the paper's CIFAR-10 settings, Appendix B.9: LARS, lr 1.2 x sqrt(batch / 256), weight decay
-  1e-6, 10 warm-up epochs unless ``--warmup-epochs``; projector hidden width = feature width,
-  output 128; temperature 0.5), bf16 autocast and channels_last, augmentation batched on the
-  device; backbone, batch and epochs are this run's;
-- lightly: its CIFAR-10 benchmark recipe (``lightly_simclr.py``: ``SimCLRTransform`` on PIL
-  images in DataLoader workers, ``SimCLRProjectionHead``, ``NTXentLoss``, SGD lr 6e-2 x batch /
-  128 with momentum 0.9, weight decay 5e-4 and a per-epoch cosine), fp32.
+- ours: ``selfsup.train.train`` with our CIFAR-10 recipe of ``--method``,
+  ``configs/METHOD_cifar10.yaml`` (for simclr the paper's CIFAR-10 settings, Appendix B.9: LARS,
+  lr 1.2 x sqrt(batch / 256), weight decay 1e-6, 10 warm-up epochs unless ``--warmup-epochs``;
+  projector hidden width = feature width, output 128; temperature 0.5), bf16 autocast and
+  channels_last, augmentation batched on the device; backbone, batch and epochs are this run's,
+  and ``--set KEY=VALUE`` changes any other key of ours;
+- lightly: the recipe of its CIFAR-10 benchmark script for the same method
+  (``lightly_recipes.py``; for simclr ``SimCLRTransform`` on PIL images in DataLoader workers,
+  ``SimCLRProjectionHead``, ``NTXentLoss``, SGD lr 6e-2 x batch / 128 with momentum 0.9, weight
+  decay 5e-4 and a per-epoch cosine), fp32. Methods: simclr, byol, simsiam, swav, dino.
 
 The data: CIFAR-10's 50,000 training images minus our validation split (5,000, stratified,
 ``data.val_fraction`` and seed as our trainer carves it) train both; the kNN bank is that
-training split, the queries are the validation split and the 10,000 test images. After every
+training split, the queries are the validation split and the 10,000 test images (``--sample``:
+the embedded sample's 4,500 / 500 / 1,000 instead, the learning tests' data). After every
 epoch each backbone is evaluated with ``selfsup.evaluate`` (weighted kNN, k = 200, T = 0.1, on
 frozen pooled features of clean images, each model's images normalized as it was trained:
-CIFAR-10 statistics for ours, lightly's ImageNet ones for lightly). Our trainer's own monitor
-only reports validation kNN against a 10,000-image bank, so it is switched off, and the trainer
-saves a checkpoint at the end of every epoch (``train.checkpoint_every`` = steps per epoch) that
-is evaluated after training; lightly's backbone is copied at the end of every epoch. Evaluation
-is outside both wall times.
+CIFAR-10 statistics for ours, lightly's ImageNet ones for lightly). Each side's network is the
+one its own code evaluates (ours: the method's ``backbone``, e.g. DINO's teacher; lightly: the
+trained backbone, DINO's student). Our trainer's own monitor only reports validation kNN against
+a 10,000-image bank, so it is switched off, and the trainer saves a checkpoint at the end of
+every epoch (``train.checkpoint_every`` = steps per epoch) that is evaluated after training;
+lightly's backbone is copied at the end of every epoch. Evaluation is outside both wall times.
 
 How the epoch is chosen: for each side, the epoch with the best validation kNN top-1 (the
-earliest on a tie; random init is not a candidate), and that epoch's test kNN top-1 is reported.
-The test split never chooses anything. Target (issue #5, item 4): our chosen test kNN is at least
-lightly's.
+earliest on a tie; random init is not a candidate), and that epoch's test kNN top-1 is reported,
+with its lift over the same network at random init. The test split never chooses anything.
+Target (issue #5, item 4, for simclr): our chosen test kNN is at least lightly's. For the other
+methods the comparison says whether a method that fails to learn at a small scale fails in
+lightly's recipe too.
 
-    python benchmarks/quality.py [--epochs 3] [--batch-size 256] [--width 0.5]
-        [--cifar-stem] [--workers 2] [--data ../shared/data/cifar10] [--out quality.json]
+    python benchmarks/quality.py [--method simclr] [--epochs 3] [--batch-size 256] [--width 0.5]
+        [--cifar-stem] [--workers 2] [--data ../shared/data/cifar10 | --sample]
+        [--set KEY=VALUE ...] [--out quality.json]
     python benchmarks/quality.py --train-subset 1024 --epochs 1 --batch-size 128  # smoke run
+    python benchmarks/quality.py --method swav --sample --width 0.25 --batch-size 64 \
+        --epochs 20 --set method_args.num_local_crops=0  # the learning tests' scale
 
 ``--train-subset N`` trains (and carves the validation split) from N training images drawn with
 the seed, for smoke runs; the test split stays whole. Needs the ``bench`` extra (lightly).
@@ -51,17 +60,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightly_simclr import (LightlySimCLR, lightly_loader, lightly_normalization,  # benchmarks/
-                            require_lightly)
+from lightly_recipes import (LIGHTLY_RECIPES, lightly_loader, lightly_normalization,  # benchmarks/
+                             require_lightly)
 from torch import nn
 
-from selfsup.config import Config, read_yaml, resolve_config
+from selfsup.config import Config, parse_override, read_yaml, resolve_config, set_dotted
 from selfsup.data import DataSplits, load_data
 from selfsup.errors import SelfSupError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
-OUR_RECIPE = REPO / "configs" / "simclr_cifar10.yaml"
+SAMPLE = "cifar10-sample"
+
+
+def our_recipe(method: str) -> Path:
+    return REPO / "configs" / f"{method}_cifar10.yaml"
 
 
 # -- choosing the epoch and judging the result (no lightly, no training: unit-tested) -----------
@@ -98,6 +111,9 @@ def table(report: dict[str, Any]) -> str:
     oc, lc = ours["chosen"], lightly["chosen"]
     lines += [
         f"chosen epoch (best val kNN): ours {oc['epoch']}, lightly {lc['epoch']}",
+        f"lift of the chosen epoch's test kNN over random init: ours "
+        f"{100 * (oc['test'] - ours['random_init']['test']):+.2f} points, lightly "
+        f"{100 * (lc['test'] - lightly['random_init']['test']):+.2f} points",
         f"test kNN top-1 at the chosen epoch: ours {100 * oc['test']:.2f}%, lightly "
         f"{100 * lc['test']:.2f}%, ours - lightly {100 * (oc['test'] - lc['test']):+.2f} points",
         f"training wall time: ours {ours['train_seconds']:.1f} s, lightly "
@@ -141,11 +157,12 @@ def knn_scores(backbone: nn.Module, splits: DataSplits, config: Config) -> dict[
 
 # -- the two sides ------------------------------------------------------------------------------
 def our_config(source: str, args: argparse.Namespace) -> Config:
-    """Our CIFAR-10 SimCLR recipe (``configs/simclr_cifar10.yaml``, the paper's Appendix B.9:
-    LARS lr 1.2 x sqrt(B/256), wd 1e-6, T 0.5) at this run's backbone, batch and epochs;
-    ``train.checkpoint_every`` is left to set to the steps per epoch."""
+    """Our CIFAR-10 recipe of ``args.method`` (``configs/METHOD_cifar10.yaml``; simclr's is the
+    paper's Appendix B.9: LARS lr 1.2 x sqrt(B/256), wd 1e-6, T 0.5) at this run's backbone,
+    batch and epochs, then ``--set``; ``train.checkpoint_every`` is left to set to the steps per
+    epoch."""
     overrides: dict[str, Any] = {
-        "method": "simclr",
+        "method": args.method,
         "data": {"source": source, "num_workers": args.workers},
         "backbone": {"name": "resnet18", "width": args.width, "cifar_stem": args.cifar_stem},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "precision": "bf16",
@@ -159,8 +176,11 @@ def our_config(source: str, args: argparse.Namespace) -> Config:
     }
     if args.warmup_epochs is not None:
         overrides["optim"] = {"warmup_epochs": args.warmup_epochs}
-    return resolve_config(read_yaml(OUR_RECIPE), overrides=overrides,
-                          origin="benchmarks/quality.py")
+    for text in args.set:
+        path, value = parse_override(text)
+        set_dotted(overrides, path, value)
+    return resolve_config(read_yaml(our_recipe(args.method)), overrides=overrides,
+                          origin=f"benchmarks/quality.py --method {args.method}")
 
 
 def epoch_checkpoints(checkpoint_dir: Path, steps_per_epoch: int, epochs: int) -> list[Path]:
@@ -204,10 +224,12 @@ def run_lightly(config: Config, splits: DataSplits, device: torch.device,
     initial = copy.deepcopy(method.backbone)
     train = splits.train
     torch.manual_seed(config.train.seed)
-    model = LightlySimCLR(method.backbone, method.context.feature_dim, config.train.batch_size,
-                          config.train.epochs, device)
+    recipe = LIGHTLY_RECIPES[config.method]
+    model = recipe(method.backbone, method.context.feature_dim, config.train.batch_size,
+                   config.train.epochs, device)
     started = time.perf_counter()
-    loader = lightly_loader(train.images[train.positions], config.train.batch_size, workers)
+    loader = lightly_loader(train.images[train.positions], config.train.batch_size, workers,
+                            recipe)
     snapshots, steps, epoch_seconds = [], 0, []
     for _ in range(config.train.epochs):
         epoch_started = time.perf_counter()
@@ -230,12 +252,13 @@ def run_lightly(config: Config, splits: DataSplits, device: torch.device,
     return {"epochs": epochs, "random_init": knn_scores(initial, own_inputs, config),
             "train_seconds": round(train_seconds, 1), "epoch_seconds": epoch_seconds,
             "steps": steps, "lr": model.optimizer.param_groups[0]["initial_lr"],
-            "optimizer": "sgd", "chosen": chosen(epochs)}
+            "optimizer": type(model.optimizer).__name__, "chosen": chosen(epochs)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="simclr", choices=sorted(LIGHTLY_RECIPES))
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--width", type=float, default=0.5)
@@ -245,6 +268,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="folder holding cifar10.npz (default ../shared/data/cifar10 beside "
                         "the repository)")
+    parser.add_argument("--sample", action="store_true",
+                        help="the embedded CIFAR-10 sample (the learning tests' data) instead "
+                        "of --data")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a key of our config, e.g. --set method_args.num_local_crops=0")
     parser.add_argument("--train-subset", type=int, metavar="N",
                         help="train on N training images only (smoke runs)")
     # SimCLR's 10 warm-up epochs (its default) exceed a short run; e.g. 0.3 as in
@@ -258,11 +286,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="our trainer's output folder (checkpoints, logs) goes in WORK/ours")
     parser.add_argument("--out", type=Path, help="also write every figure as JSON here")
     args = parser.parse_args(argv)
+    if args.sample and args.train_subset is not None:
+        parser.error("--sample and --train-subset: choose one (the sample is a subset already)")
     require_lightly()
     device = torch.device(args.device)
     try:
-        source = data_source(args.data.expanduser().resolve(), args.train_subset, args.seed,
-                             args.work_dir)
+        source = SAMPLE if args.sample else data_source(
+            args.data.expanduser().resolve(), args.train_subset, args.seed, args.work_dir)
         config = our_config(source, args)
         # The splits as our trainer carves them (the same call as selfsup.train.train's).
         splits = load_data(source, val_fraction=config.data.val_fraction, seed=config.train.seed)
@@ -282,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         lightly = run_lightly(config, splits, device, args.workers)
     except SelfSupError as error:
         raise SystemExit(f"quality: {error}") from None
-    report = {"data": source, "device": name, "torch": torch.__version__,
+    report = {"method": args.method, "overrides": args.set, "data": source, "device": name, "torch": torch.__version__,
               "train_images": len(splits.train), "val_images": len(splits.val),
               "test_images": len(splits.test), "backbone": "resnet18", "width": args.width,
               "cifar_stem": args.cifar_stem, "batch_size": args.batch_size,

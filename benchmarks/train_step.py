@@ -10,7 +10,7 @@ variant is measured in this run, so the ratios between them hold on a noisy mach
     python benchmarks/train_step.py --vs-lightly [--device cpu|cuda] [--workers 2]
 
 ``--vs-lightly`` runs the whole loop, data loading included, of lightly's CIFAR-10 benchmark
-(``docs/source/getting_started/benchmarks/cifar10_benchmark.py``, as ``lightly_simclr.py`` here
+(``docs/source/getting_started/benchmarks/cifar10_benchmark.py``, as ``lightly_recipes.py`` here
 has it: ``SimCLRTransform`` without blur on PIL images in DataLoader workers, lightly's CIFAR
 ResNet-18, ``SimCLRProjectionHead(512, 512, 128)``, ``NTXentLoss``, SGD, fp32) beside selfsup's
 (uint8 batches from the loader, augmentation on the device, bf16 autocast, channels_last, LARS)
@@ -25,7 +25,7 @@ import statistics
 import time
 
 import torch
-from lightly_simclr import LightlySimCLR, lightly_loader  # benchmarks/lightly_simclr.py
+from lightly_recipes import LightlySimCLR, lightly_loader  # benchmarks/lightly_recipes.py
 from torch.utils.flop_counter import FlopCounterMode
 
 from selfsup.augment import build_view_generator
