@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
         lightly = run_lightly(config, splits, device, args.workers)
     except SelfSupError as error:
         raise SystemExit(f"quality: {error}") from None
-    report = {"method": args.method, "overrides": args.set, "data": source, "device": name, "torch": torch.__version__,
+    report = {"method": args.method, "overrides": args.set, "data": source, "device": name,
+              "torch": torch.__version__,
               "train_images": len(splits.train), "val_images": len(splits.val),
               "test_images": len(splits.test), "backbone": "resnet18", "width": args.width,
               "cifar_stem": args.cifar_stem, "batch_size": args.batch_size,

@@ -164,6 +164,27 @@ def test_collapse_monitors_tell_a_collapsed_embedding_from_a_healthy_one():
     assert good["alignment"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_an_epoch_whose_embeddings_fall_onto_a_few_lines_is_warned_of():
+    from selfsup.evaluate.metrics import collapse_metrics, collapse_warning
+
+    generator = torch.Generator().manual_seed(0)
+    healthy = torch.randn(128, 64, generator=generator)
+    # Two directions, as SimSiam without its stop-gradient collapses onto +-v: rank about 2.
+    signs = torch.randint(0, 2, (128, 1), generator=generator) * 2.0 - 1
+    collapsed = signs * torch.randn(1, 64, generator=generator) + 0.01 * healthy
+    ranks = {name: collapse_metrics([z])["effective_rank"]
+             for name, z in (("healthy", healthy), ("collapsed", collapsed))}
+    assert collapse_warning([ranks["healthy"]] * 3, 64, epoch=2) is None
+    warning = collapse_warning([ranks["collapsed"]] * 3, 64, epoch=2)
+    assert warning is not None and warning.startswith("epoch 2: the embeddings look collapsed")
+    assert f"averaged {ranks['collapsed']:.1f}" in warning and "train/effective_rank" in warning
+    # The epoch's mean decides: one collapsed batch among healthy ones is no collapse.
+    assert collapse_warning([ranks["collapsed"]] + [ranks["healthy"]] * 2, 64, epoch=2) is None
+    # A batch too small to have a large rank, or an epoch with nothing logged, says nothing.
+    assert collapse_warning([ranks["collapsed"]], 16, epoch=2) is None
+    assert collapse_warning([], 64, epoch=2) is None
+
+
 def test_weight_decay_follows_a_cosine_to_weight_decay_end_and_spares_biases_and_norms():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     config = OptimConfig(name="adamw", weight_decay=0.04, weight_decay_end=0.4)

@@ -2,6 +2,7 @@
 --resume read; the same seed gives the same weights."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -159,3 +160,46 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_checkpoints(tmp
     err = capsys.readouterr().err
     assert code == 2
     assert "non-finite loss" in err and "step 2" in err and "checkpoints" in err and "part" in err
+
+
+def test_a_run_whose_embeddings_collapse_is_warned_of_and_its_results_say_so(tmp_path, capsys):
+    from selfsup.methods import METHODS, Method, StepOutput, register_method
+
+    @register_method
+    class CollapsingMethod(Method):
+        """A method whose embeddings lie on one line when ``collapsed`` (test double, 2026)."""
+
+        name = "collapsing_test_double"
+        views = "simclr"
+
+        def __init__(self, backbone, context, collapsed: bool = True) -> None:
+            super().__init__(backbone, context)
+            self.projector = torch.nn.Linear(context.feature_dim, 64)
+            self.collapsed = collapsed
+
+        def training_step(self, batch):
+            features = self.backbone(batch.views[0])
+            z = self.projector(features)
+            if self.collapsed:  # every embedding a multiple of one vector
+                z = z[:, :1] * self.projector.weight[:, 0]
+            return StepOutput(z.pow(2).mean(), features=features, embeddings=[z])
+
+    results = {}
+    try:
+        for collapsed in (True, False):
+            out = tmp_path / str(collapsed)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert main(["train", "--method", "collapsing_test_double", "--max-steps", "4",
+                             "--out", str(out), "--no-eval", "--set",
+                             f"method_args.collapsed={str(collapsed).lower()}", *TINY]) == 0
+            results[collapsed] = json.loads((out / "results.json").read_text())
+            results[collapsed]["warnings"] = [str(w.message) for w in caught]
+    finally:
+        METHODS.pop("collapsing_test_double")
+    warning = results[True]["collapse_warning"]
+    assert warning.startswith("epoch 0: the embeddings look collapsed: their effective rank "
+                              "averaged 1.0 over the epoch, out of at most 32")
+    assert warning in results[True]["warnings"]
+    assert "collapse_warning" not in results[False]
+    assert not any("collapsed" in w for w in results[False]["warnings"])

@@ -32,7 +32,7 @@ from selfsup.distributed import (convert_to_global_batchnorm, gather_no_grad, is
                                  world_size)
 from selfsup.errors import SelfSupError
 from selfsup.evaluate.knn import knn_top1
-from selfsup.evaluate.metrics import collapse_metrics
+from selfsup.evaluate.metrics import collapse_metrics, collapse_warning
 from selfsup.methods import Batch, Method, MethodContext, build_method
 from selfsup.optim import (WarmupCosine, build_optimizer, constant_schedule,
                            scaled_learning_rate, schedule_weight_decay)
@@ -129,6 +129,10 @@ class SelfSupervisedModule(L.LightningModule):
         self.register_buffer("nonfinite_skips", torch.zeros((), dtype=torch.long))
         self._skip_update = False
         self._saved_buffers: dict[str, torch.Tensor] = {}
+        # The effective ranks logged this epoch, with the largest rank their batches allow.
+        self._epoch_ranks: list[float] = []
+        self._rank_ceiling = 0
+        self.collapse_warning: str | None = None  # the first epoch's that collapsed
 
     # -- optimisation ---------------------------------------------------------------------------
     def total_steps(self) -> int:
@@ -197,7 +201,10 @@ class SelfSupervisedModule(L.LightningModule):
             return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         logs = {"train/loss": loss.detach(), **{f"train/{k}": v for k, v in output.logs.items()}}
         if output.embeddings and self.global_step % self.config.train.log_every == 0:
-            logs.update({f"train/{k}": v for k, v in collapse_metrics(output.embeddings).items()})
+            health = collapse_metrics(output.embeddings)
+            logs.update({f"train/{k}": v for k, v in health.items()})
+            self._epoch_ranks.append(health["effective_rank"])
+            self._rank_ceiling = min(output.embeddings[0].shape)
         if self.probe is not None and output.features is not None and labels is not None:
             labelled = labels >= 0
             if labelled.any():
@@ -283,6 +290,13 @@ class SelfSupervisedModule(L.LightningModule):
         (view,) = self.clean_view(images, None)
         features = self.method.backbone(view).float()
         self._monitor_outputs.setdefault(dataloader_idx, []).append((features, labels))
+
+    def on_train_epoch_end(self) -> None:
+        warning = collapse_warning(self._epoch_ranks, self._rank_ceiling, self.current_epoch)
+        self._epoch_ranks = []
+        if warning is not None and self.collapse_warning is None:
+            self.collapse_warning = warning
+            rank_zero_warn(warning)
 
     def on_validation_epoch_end(self) -> None:
         if len(self._monitor_outputs) < 2:
@@ -471,6 +485,8 @@ def train(config: Config) -> dict[str, Any]:
                                "checkpoint": str(checkpoint_dir / "last.ckpt")}
     if resume is not None:
         results["resumed_from"] = resume
+    if module.collapse_warning is not None:
+        results["collapse_warning"] = module.collapse_warning
     final_loss = trainer.callback_metrics.get("train/loss")
     if final_loss is not None:
         results["final_loss"] = float(final_loss)

@@ -39,3 +39,29 @@ def collapse_metrics(embeddings: list[torch.Tensor]) -> dict[str, float]:
     if len(embeddings) >= 2 and embeddings[1].shape == first.shape:
         metrics["alignment"] = alignment(first.float(), embeddings[1].detach().float()).item()
     return metrics
+
+
+# Below this effective rank the embeddings lie on a few lines: SimSiam without its stop-gradient
+# falls under 4 within 40 steps (tests/test_noncontrastive.py), SwAV's uniform codes and
+# InstDisc's NCE collapse reach 2 to 3 (benchmarks/RESULTS.md), while every method that learns
+# keeps 9 or more (CPC's pooled patch features being the lowest measured).
+COLLAPSED_EFFECTIVE_RANK = 4.0
+# The rank of a batch of N embeddings of width D is at most min(N, D); under 32 a healthy batch
+# could be under the bound too, so no warning is given.
+MIN_RANK_CEILING = 32
+
+
+def collapse_warning(effective_ranks: list[float], rank_ceiling: int, epoch: int) -> str | None:
+    """The warning for an epoch whose embeddings collapsed, or None: the epoch's logged
+    effective ranks (of batches whose rank is at most ``rank_ceiling``) average under
+    :data:`COLLAPSED_EFFECTIVE_RANK`."""
+    if not effective_ranks or rank_ceiling < MIN_RANK_CEILING:
+        return None
+    mean_rank = sum(effective_ranks) / len(effective_ranks)
+    if mean_rank >= COLLAPSED_EFFECTIVE_RANK:
+        return None
+    return (f"epoch {epoch}: the embeddings look collapsed: their effective rank averaged "
+            f"{mean_rank:.1f} over the epoch, out of at most {rank_ceiling} (under "
+            f"{COLLAPSED_EFFECTIVE_RANK:g} the batch lies on a few lines). kNN and linear "
+            f"evaluations of this run will be near chance; train/effective_rank and "
+            f"train/embedding_std in the run's logs show when it happened")
