@@ -54,7 +54,7 @@ MIN_RANK_CEILING = 32
 def collapse_warning(effective_ranks: list[float], rank_ceiling: int, epoch: int) -> str | None:
     """The warning for an epoch whose embeddings collapsed, or None: the epoch's logged
     effective ranks (of batches whose rank is at most ``rank_ceiling``) average under
-    :data:`COLLAPSED_EFFECTIVE_RANK`."""
+    :data:`COLLAPSED_EFFECTIVE_RANK`. ``epoch`` counts from 0, as the logs' epoch column does."""
     if not effective_ranks or rank_ceiling < MIN_RANK_CEILING:
         return None
     mean_rank = sum(effective_ranks) / len(effective_ranks)
@@ -62,6 +62,6 @@ def collapse_warning(effective_ranks: list[float], rank_ceiling: int, epoch: int
         return None
     return (f"epoch {epoch}: the embeddings look collapsed: their effective rank averaged "
             f"{mean_rank:.1f} over the epoch, out of at most {rank_ceiling} (under "
-            f"{COLLAPSED_EFFECTIVE_RANK:g} the batch lies on a few lines). kNN and linear "
-            f"evaluations of this run will be near chance; train/effective_rank and "
-            f"train/embedding_std in the run's logs show when it happened")
+            f"{COLLAPSED_EFFECTIVE_RANK:g} the batch lies on a few lines), so the features "
+            f"carry little of the images; train/effective_rank and train/embedding_std in the "
+            f"run's logs show when it happened")
