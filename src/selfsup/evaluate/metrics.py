@@ -43,8 +43,8 @@ def collapse_metrics(embeddings: list[torch.Tensor]) -> dict[str, float]:
 
 # Below this effective rank the embeddings lie on a few lines: SimSiam without its stop-gradient
 # falls under 4 within 40 steps (tests/test_noncontrastive.py), SwAV's uniform codes and
-# InstDisc's NCE collapse reach 2 to 3 (benchmarks/RESULTS.md), while every method that learns
-# keeps 9 or more (CPC's pooled patch features being the lowest measured).
+# InstDisc's NCE collapse reach 2 to 3 (benchmarks/RESULTS.md), while the runs measured without a
+# collapse kept 9 or more (CPC's pooled patch features the lowest).
 COLLAPSED_EFFECTIVE_RANK = 4.0
 # The rank of a batch of N embeddings of width D is at most min(N, D); under 32 a healthy batch
 # could be under the bound too, so no warning is given.
