@@ -30,6 +30,7 @@ extra); :func:`require_lightly` stops with a clear message where it is missing.
 
 from __future__ import annotations
 
+import abc
 import copy
 import importlib.util
 
@@ -77,7 +78,7 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(self.images[index]), 0
 
 
-class LightlyRecipe:
+class LightlyRecipe(abc.ABC):
     """One method of lightly's script around ``backbone`` (pooled features of ``feature_dim``):
     :meth:`step` trains on one batch of :func:`lightly_loader` (a list of views), :meth:`end_epoch`
     steps the cosine schedule of ``epochs`` epochs. A recipe's :meth:`build` makes its heads and
@@ -102,11 +103,13 @@ class LightlyRecipe:
         self.optimizer = self.make_optimizer()
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, epochs)
 
+    @abc.abstractmethod
     def build(self, feature_dim: int) -> None:
-        raise NotImplementedError
+        """Make the heads (and any target network) and set ``trained``."""
 
+    @abc.abstractmethod
     def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """The script's loss of one batch of views (momentum updates first, where it has them)."""
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.trained.parameters(), lr=SGD_LR * self.lr_factor,

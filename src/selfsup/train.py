@@ -132,7 +132,7 @@ class SelfSupervisedModule(L.LightningModule):
         # The effective ranks logged this epoch, with the largest rank their batches allow.
         self._epoch_ranks: list[float] = []
         self._rank_ceiling = 0
-        self.collapse_warning: str | None = None  # the first epoch's that collapsed
+        self.collapse_warning: str | None = None  # the warning of the first epoch that collapsed
 
     # -- optimisation ---------------------------------------------------------------------------
     def total_steps(self) -> int:
