@@ -64,7 +64,7 @@ from lightly_recipes import (LIGHTLY_RECIPES, lightly_loader, lightly_normalizat
                              require_lightly)
 from torch import nn
 
-from selfsup.config import Config, parse_override, read_yaml, resolve_config, set_dotted
+from selfsup.config import Config, apply_overrides, read_yaml, resolve_config
 from selfsup.data import DataSplits, load_data
 from selfsup.errors import SelfSupError
 
@@ -176,9 +176,7 @@ def our_config(source: str, args: argparse.Namespace) -> Config:
     }
     if args.warmup_epochs is not None:
         overrides["optim"] = {"warmup_epochs": args.warmup_epochs}
-    for text in args.set:
-        path, value = parse_override(text)
-        set_dotted(overrides, path, value)
+    apply_overrides(overrides, args.set)
     return resolve_config(read_yaml(our_recipe(args.method)), overrides=overrides,
                           origin=f"benchmarks/quality.py --method {args.method}")
 

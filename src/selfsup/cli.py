@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args: argparse.Namespace):
-    from selfsup.config import parse_override, read_yaml, resolve_config, set_dotted
+    from selfsup.config import apply_overrides, read_yaml, resolve_config, set_dotted
 
     file_values = read_yaml(args.config) if args.config else {}
     overrides: dict[str, Any] = {}
@@ -168,9 +168,7 @@ def _train_config(args: argparse.Namespace):
         set_dotted(overrides, ["data", "download"], True)
     if args.no_eval:
         set_dotted(overrides, ["eval", "after_training"], [])
-    for text in args.set:
-        path, value = parse_override(text)
-        set_dotted(overrides, path, value)
+    apply_overrides(overrides, args.set)
     origin = args.config or "command line"
     return resolve_config(file_values, overrides, origin=origin)
 

@@ -159,6 +159,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def apply_overrides(overrides: dict[str, Any], texts: list[str]) -> None:
+    """Set every ``KEY=VALUE`` of ``texts`` (``--set`` flags) in ``overrides``."""
+    for text in texts:
+        path, value = parse_override(text)
+        set_dotted(overrides, path, value)
+
+
 def deep_update(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
