@@ -9,6 +9,10 @@ batch 128 (35 steps an epoch): an epoch takes about 4 s on 2 CPU cores. Measured
 took 12 epochs and 175 s with the CIFAR stem at quarter width in fp32; here it trains 10 epochs, 3
 of which took 9.9 s on a Zen 4 with native bf16.
 
+Training runs on one intra-op thread, whatever the machine's core count: the trajectory of a seed
+then does not depend on it (2 threads and 1 reduce in different orders and end at different
+accuracies), and two learning tests run side by side on two pytest-xdist workers.
+
 A test may change a section (``pretrain_small``'s keyword arguments), e.g.
 ``QUARTER_WIDTH_SMALL_BATCH`` for the slow starters; the baseline is always the network it
 trains, at random init.
@@ -16,6 +20,8 @@ trains, at random init.
 
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from selfsup.config import resolve_config
 from selfsup.train import train
@@ -42,7 +48,12 @@ def pretrain_small(out: Path, method: str, epochs: int, **sections: dict[str, An
     }
     for key, value in sections.items():
         values[key] = {**values.get(key, {}), **value}
-    return train(resolve_config(values))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(resolve_config(values))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def assert_lifts_accuracy(results: dict) -> None:
