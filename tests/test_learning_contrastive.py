@@ -42,12 +42,12 @@ def test_mocov1_lifts_knn_accuracy_above_random_init(tmp_path):
     # v1's linear head and t = 0.07, a queue of 1024 and SimCLR's small-batch optimizer (LARS, lr
     # 1.2 with square-root scaling), at quarter width and batch 64 (1,400 steps) with the key
     # encoder's momentum at 0.99 (MoCo v2's CIFAR value) rather than v1's 0.999, under which the
-    # key encoder is still 25% its random init after 1,400 steps. Measured on one thread: 31.3% vs 25.0% at
-    # random init (seed 0) and 30.2% vs 24.2% (seed 1), 99 s each. The earlier setting (half
-    # width, batch 128, 16 epochs, momentum 0.999) gave +5.9 on two threads and +3.5 on one;
-    # with momentum 0.99 there, +6.3 and +2.0 over seeds 0 and 1. v1's SGD at lr 0.03 x B/256
-    # learned nothing measurable in 12 epochs (27.1% vs 26.9%). In bf16 on every CPU: in
-    # float32 the old setting fell to +4.2.
+    # key encoder is still 25% its random init after 1,400 steps. Measured on one thread: 31.3%
+    # vs 25.0% at random init (seed 0) and 30.2% vs 24.2% (seed 1), 99 s each. The earlier
+    # setting (half width, batch 128, 16 epochs, momentum 0.999) gave +5.9 on two threads and
+    # +3.5 on one; with momentum 0.99 there, +6.3 and +2.0 over seeds 0 and 1. v1's SGD at lr
+    # 0.03 x B/256 learned nothing measurable in 12 epochs (27.1% vs 26.9%). In bf16 on every
+    # CPU: in float32 the old setting fell to +4.2.
     results = pretrain_small(tmp_path, "mocov1", epochs=20, backbone={"width": 0.25},
                              method_args={"queue_size": 1024, "momentum": 0.99},
                              train={"precision": "bf16", "batch_size": 64},
