@@ -56,6 +56,7 @@ def pretrain_small(out: Path, method: str, epochs: int, **sections: dict[str, An
         torch.set_num_threads(threads)
 
 
-def assert_lifts_accuracy(results: dict) -> None:
-    """kNN top-1 after pretraining is at least ``MARGIN`` above the random-init network's."""
-    assert results["knn_top1"] >= results["knn_top1_random_init"] + MARGIN, results
+def assert_lifts_accuracy(results: dict, probe: str = "knn") -> None:
+    """``probe``'s top-1 after pretraining (``knn``, or ``linear`` where ``eval.after_training``
+    ran the linear probe) is at least ``MARGIN`` above the random-init network's."""
+    assert results[f"{probe}_top1"] >= results[f"{probe}_top1_random_init"] + MARGIN, results
