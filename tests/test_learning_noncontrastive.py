@@ -18,14 +18,16 @@ pytestmark = pytest.mark.slow
 BYOL_TEST_OPTIMIZER = {"name": "lars", "lr": 2.0, "weight_decay": 1e-5, "warmup_epochs": 1}
 
 
-@pytest.mark.slow(seconds=180)
+@pytest.mark.slow(seconds=210)
 def test_mocov3_lifts_knn_accuracy_above_random_init(tmp_path):
     # ResNet MoCo v3 with 1024-wide heads (the paper's 4096 is ImageNet's), the ViT temperature
     # 0.2 (the ResNet default 1.0 measured 29.3% against 30.7% at half width), a 1-epoch warm-up
     # and a momentum starting at 0.9 instead of 0.99, so that the target keeps up in a run this
-    # short. Measured: 31.2% against 25.0% at random init in 20 epochs (momentum 0.99: 28.7% in
-    # 20 epochs, 33.5% in 40).
-    results = pretrain_small(tmp_path, "mocov3", epochs=20, **QUARTER_WIDTH_SMALL_BATCH,
+    # short. Measured on one thread in bf16, 30 epochs (2,100 steps), AMD Zen 4: 33.5% against
+    # 25.0% at random init (seed 0), 34.5% against 24.2% (seed 1), about 200 s each. 20 epochs gave
+    # +6.2 to +7.9 on Intel machines but +4.7 on the AMD one (momentum 0.99: 28.7% in 20 epochs,
+    # 33.5% in 40).
+    results = pretrain_small(tmp_path, "mocov3", epochs=30, **QUARTER_WIDTH_SMALL_BATCH,
                              method_args={"proj_hidden_dim": 1024, "pred_hidden_dim": 1024,
                                           "temperature": 0.2, "base_momentum": 0.9},
                              optim={"lr": 0.6, "warmup_epochs": 1})
