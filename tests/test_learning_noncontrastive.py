@@ -4,9 +4,8 @@ These methods learn more slowly at first than SimCLR: at half width and batch 12
 points within the steps a CI test affords (every run tried is in benchmarks/RESULTS.md). They get
 more optimizer steps for the same compute instead: the same ResNet-18 at quarter width and batch
 64 (70 steps an epoch; SwAV keeps batch 128, as many images as its 100 prototypes or more); the
-random-init baseline is that network's (25.0%). MoCo v3 and BYOL
-start their target's momentum at 0.9 rather than 0.99, so that the target keeps up in a run this
-short.
+random-init baseline is that network's (25.0%). MoCo v3 and BYOL start their target's momentum at
+0.9 rather than 0.99, so that the target keeps up in a run this short.
 """
 
 import pytest
